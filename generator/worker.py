@@ -1,0 +1,240 @@
+"""`orz generator`: the rollout worker.
+
+Loop: take up to `prompts_per_batch` PromptTasks from the prompt stream (reclaiming ones a dead peer left
+pending), sample `n_samples` completions each with vLLM keeping the sampled tokens' log-probs, grade them
+in one call to the reward server, publish one TrajectoryGroup per prompt, then XACK the prompts. New
+weights arrive on a background thread (services/weight_sync.py) and are loaded between engine calls, so
+every token of a group was sampled under the version the group is stamped with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from generator.engine import VllmEngine
+from generator.reward_client import GradeItem, RewardClient, RewardClientError
+from services.config import Config
+from services.metrics import MetricsServer
+from services.protocol import PromptTask, ProtocolError, Sample, TrajectoryGroup, WeightsAnnouncement
+from services.queue import Keys, StreamQueue
+from services.redis_server import connect
+from services.weight_sync import STOP_VERSION, WeightReceiver
+
+log = logging.getLogger("orz.generator")
+
+PROMPT_GROUP = "generators"
+
+
+class GeneratorMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.tokens = Counter("orz_generator_tokens", "response tokens sampled", registry=r)
+        self.tokens_per_s = Gauge("orz_generator_tokens_per_second", "tokens/s of the last engine call", registry=r)
+        self.groups = Counter("orz_generator_groups", "trajectory groups published", registry=r)
+        self.inflight = Gauge("orz_generator_requests_in_flight", "prompts in the engine", registry=r)
+        self.version = Gauge("orz_generator_policy_version", "weights version loaded", registry=r)
+        self.version_lag = Gauge("orz_generator_version_lag", "learner version minus loaded version", registry=r)
+        self.weight_load = Histogram("orz_generator_weight_load_seconds", "time to load new weights",
+                                     registry=r, buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120))
+        self.reward_latency = Histogram("orz_generator_reward_latency_seconds", "grading call latency",
+                                        registry=r, buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30))
+        self.reward_errors = Counter("orz_generator_reward_errors", "failed grading calls", registry=r)
+        self.reclaimed = Counter("orz_generator_prompts_reclaimed", "prompts reclaimed from dead peers",
+                                 registry=r)
+        self.queue_lag = Gauge("orz_generator_queue_lag_seconds", "age of the oldest prompt taken", registry=r)
+
+
+class WeightListener(threading.Thread):
+    """Joins the weight-sync group and keeps the newest received version for the main loop to load."""
+
+    def __init__(self, cfg: Config, redis, keys: Keys, generator_id: str, stop: threading.Event) -> None:
+        super().__init__(name="weight-listener", daemon=True)
+        self.cfg, self.redis, self.keys, self.generator_id, self.stop_event = cfg, redis, keys, generator_id, stop
+        self._lock = threading.Lock()
+        self._pending: tuple[int, list] | None = None
+        self.error: BaseException | None = None
+        self.rank: int | None = None
+
+    def take(self) -> tuple[int, list] | None:
+        with self._lock:
+            pending, self._pending = self._pending, None
+            return pending
+
+    def _announcement(self) -> WeightsAnnouncement | None:
+        while not self.stop_event.is_set():
+            raw = self.redis.get(self.keys.weights_meta)
+            if raw is not None:
+                try:
+                    return WeightsAnnouncement.from_bytes(raw)
+                except ProtocolError as exc:
+                    raise RuntimeError(f"unreadable weight-sync announcement: {exc}") from None
+            self.stop_event.wait(0.5)
+        return None
+
+    def run(self) -> None:
+        try:
+            ann = self._announcement()
+            if ann is None:
+                return
+            self.rank = int(self.redis.incr(f"{self.keys.weights_meta}:rank:{ann.session}"))
+            if self.rank >= ann.world_size:
+                log.warning("weight-sync group is full (%d members); %s will not receive new weights",
+                            ann.world_size - 1, self.generator_id)
+                return
+            receiver = WeightReceiver(ann, self.rank, self.cfg.weight_sync.timeout_s)
+            log.info("joined weight-sync group %s as rank %d/%d", ann.rendezvous, self.rank, ann.world_size)
+            while not self.stop_event.is_set():
+                version, weights = receiver.receive()
+                if version == STOP_VERSION:
+                    log.info("learner closed the weight-sync group")
+                    return
+                with self._lock:
+                    self._pending = (version, weights)
+        except BaseException as exc:  # surfaced to the main loop, which decides to exit
+            if not self.stop_event.is_set():
+                self.error = exc
+                log.exception("weight listener failed")
+
+
+class Generator:
+    def __init__(self, cfg: Config, generator_id: str | None = None) -> None:
+        self.cfg = cfg
+        self.id = generator_id or f"gen-{socket.gethostname()}-{os.getpid()}"
+        self.keys = Keys(cfg.namespace)
+        self.redis = connect(cfg.redis.url, cfg.redis.socket_timeout_s)
+        self.prompts = StreamQueue(self.redis, self.keys.prompts, PROMPT_GROUP, PromptTask, self.keys.dead)
+        self.trajectories_stream = self.keys.trajectories
+        self.metrics = GeneratorMetrics()
+        self.stop_event = threading.Event()
+        self.version = 0
+        if not cfg.reward.url:
+            raise ValueError("reward.url is not set: point the generator at a reward server (ORZ__REWARD__URL)")
+        self.reward = RewardClient(cfg.reward.url, cfg.reward.request_timeout_s, cfg.reward.token)
+        self.engine: VllmEngine | None = None
+
+    def _heartbeat(self) -> None:
+        state = {"ts": time.time(), "version": self.version, "pid": os.getpid(), "host": socket.gethostname()}
+        self.redis.hset(self.keys.generators, self.id, json.dumps(state))
+
+    def _load_pending(self, listener: WeightListener) -> None:
+        pending = listener.take()
+        if pending is None or self.engine is None:
+            return
+        version, weights = pending
+        seconds = self.engine.load_weights(weights)
+        self.version = version
+        self.metrics.weight_load.observe(seconds)
+        self.metrics.version.set(version)
+        log.info("loaded weights v%d in %.3f s", version, seconds)
+
+    def _take_prompts(self) -> list[tuple[str, PromptTask]]:
+        n = self.cfg.generator.prompts_per_batch
+        taken = self.prompts.reclaim(self.id, self.cfg.redis.claim_idle_ms, n)
+        if taken:
+            self.metrics.reclaimed.inc(len(taken))
+            log.info("reclaimed %d prompts left pending by a dead peer", len(taken))
+        if len(taken) < n:
+            taken += self.prompts.read(self.id, n - len(taken), self.cfg.redis.block_ms)
+        return taken
+
+    def _process(self, batch: list[tuple[str, PromptTask]]) -> None:
+        assert self.engine is not None
+        tasks = [t for _, t in batch]
+        missing = [t.task_id for t in tasks if t.prompt_ids is None]
+        if missing:
+            raise ValueError(f"prompts without prompt_ids are not supported yet: {missing[:3]}")
+        oldest = min(int(eid.split("-")[0]) for eid, _ in batch) / 1000.0
+        self.metrics.queue_lag.set(max(0.0, time.time() - oldest))
+        version = self.version
+        self.metrics.inflight.set(len(tasks))
+        t0 = time.time()
+        completions = self.engine.generate([list(t.prompt_ids or ()) for t in tasks], [t.sampling for t in tasks],
+                                           [t.n_samples for t in tasks])
+        gen_s = time.time() - t0
+        self.metrics.inflight.set(0)
+        n_tokens = sum(len(c.token_ids) for comps in completions for c in comps)
+        self.metrics.tokens.inc(n_tokens)
+        self.metrics.tokens_per_s.set(n_tokens / max(gen_s, 1e-9))
+
+        items = [GradeItem(f"{ti}/{si}", c.text, t.reference, t.task_type, c.finish_reason == "length")
+                 for ti, (t, comps) in enumerate(zip(tasks, completions)) for si, c in enumerate(comps)]
+        t1 = time.time()
+        try:
+            grades = self.reward.grade(items)
+        except RewardClientError:
+            self.metrics.reward_errors.inc()
+            raise
+        grade_s = time.time() - t1
+        self.metrics.reward_latency.observe(grade_s)
+        by_id = {g.id: g for g in grades}
+
+        pipe = self.redis.pipeline(transaction=False)
+        for ti, (t, comps) in enumerate(zip(tasks, completions)):
+            samples = tuple(
+                Sample(np.asarray(c.token_ids, dtype=np.int32), np.asarray(c.logprobs, dtype=np.float32),
+                       by_id[f"{ti}/{si}"].reward, c.finish_reason, c.text, by_id[f"{ti}/{si}"].verdict)
+                for si, c in enumerate(comps)
+            )
+            group = TrajectoryGroup(
+                task_id=t.task_id, prompt_ids=np.asarray(t.prompt_ids, dtype=np.int32), samples=samples,
+                policy_version=version, policy_version_last=version, generator_id=self.id,
+                timings={"generate_s": gen_s, "grade_s": grade_s, "published_at": time.time()},
+            )
+            pipe.xadd(self.trajectories_stream, {"m": group.to_bytes()})
+        pipe.execute()
+        # Acked only after the trajectories are in Redis: a crash before this leaves the prompts pending,
+        # and a live peer reclaims them (ARCHITECTURE.md, step 4).
+        self.prompts.ack([eid for eid, _ in batch])
+        self.metrics.groups.inc(len(tasks))
+        rewards = [s.reward for comps in completions for s in comps]
+        log.info("v%d: %d prompts, %d tokens in %.2f s (%.0f tok/s), graded in %.2f s, reward %.3f",
+                 version, len(tasks), n_tokens, gen_s, n_tokens / max(gen_s, 1e-9), grade_s,
+                 float(np.mean([by_id[i.id].reward for i in items])) if rewards else 0.0)
+
+    def run(self) -> None:
+        gcfg = self.cfg.generator
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop_event.set())
+        server = MetricsServer(self.metrics.registry, gcfg.metrics_port,
+                               health=lambda: {"status": "ok", "id": self.id, "version": self.version})
+        log.info("generator %s: metrics on :%d", self.id, server.port)
+        self.prompts.ensure_group()
+        listener = WeightListener(self.cfg, self.redis, self.keys, self.id, self.stop_event)
+        listener.start()  # joins the weight-sync group while the engine starts
+        self.engine = VllmEngine(self.cfg.model.path, dtype=gcfg.dtype, max_model_len=gcfg.max_model_len,
+                                 kv_cache_mb=gcfg.kv_cache_mb, seed=gcfg.seed + os.getpid(),
+                                 threads=gcfg.threads)
+        last_beat = 0.0
+        try:
+            while not self.stop_event.is_set():
+                if listener.error is not None:
+                    raise RuntimeError("weight-sync listener failed") from listener.error
+                if time.time() - last_beat > gcfg.heartbeat_s:
+                    self._heartbeat()
+                    learner_version = self.redis.get(self.keys.policy_version)
+                    if learner_version is not None:
+                        self.metrics.version_lag.set(int(learner_version) - self.version)
+                    last_beat = time.time()
+                self._load_pending(listener)
+                batch = self._take_prompts()
+                if batch:
+                    self._process(batch)
+        finally:
+            self.stop_event.set()
+            self.redis.hdel(self.keys.generators, self.id)
+            self.reward.close()
+            server.close()
+            log.info("generator %s stopped", self.id)
+
+
+def run(cfg: Config) -> None:
+    Generator(cfg).run()

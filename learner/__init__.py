@@ -1,0 +1,1 @@
+"""The learner process: feeder, PPO-GAE trainer (actor + critic), weight broadcast."""

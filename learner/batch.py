@@ -1,0 +1,98 @@
+"""Turns TrajectoryGroups into padded tensors, and splits a batch into token-budgeted micro-batches.
+
+Layout: each sample is `prompt_ids + response_ids`, right-padded to the longest sequence (`input_ids`,
+`attention_mask`, [N, L]). The learner's per-token quantities (log-probs, values, rewards, advantages)
+live on a response-aligned grid [N, T]: column t is the t-th response token, whose log-prob comes from the
+logits at sequence position `P_i - 1 + t` (`response_index`). `response_mask` is 1 on real response tokens
+(a contiguous prefix of each row), which is the layout learner/gae.py expects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.protocol import TrajectoryGroup
+
+
+@dataclass
+class RolloutBatch:
+    input_ids: torch.Tensor  # long [N, L]
+    attention_mask: torch.Tensor  # long [N, L]
+    response_index: torch.Tensor  # long [N, T], position in the shifted-logits grid [N, L-1]
+    response_mask: torch.Tensor  # float [N, T]
+    behavior_logprobs: torch.Tensor  # float [N, T], μ's log-probs from the generator
+    rewards: torch.Tensor  # float [N, T], the 0/1 reward on each sample's last token (ORZ)
+    seq_lens: torch.Tensor  # long [N]
+    group_of: torch.Tensor  # long [N], index of the sample's group
+    truncated: torch.Tensor  # bool [N]
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def select(self, rows: torch.Tensor) -> RolloutBatch:
+        """Rows `rows`, trimmed to their own longest sequence and response."""
+        width = int(self.seq_lens[rows].max())
+        resp = int(self.response_mask[rows].sum(dim=1).max())
+        return RolloutBatch(
+            self.input_ids[rows, :width], self.attention_mask[rows, :width],
+            self.response_index[rows, :resp], self.response_mask[rows, :resp],
+            self.behavior_logprobs[rows, :resp], self.rewards[rows, :resp], self.seq_lens[rows],
+            self.group_of[rows], self.truncated[rows],
+        )
+
+
+def build_batch(groups: list[TrajectoryGroup], pad_id: int) -> RolloutBatch:
+    rows = [(gi, g.prompt_ids, s) for gi, g in enumerate(groups) for s in g.samples if len(s.response_ids) > 0]
+    if not rows:
+        raise ValueError("batch has no non-empty responses")
+    n = len(rows)
+    width = max(len(p) + len(s.response_ids) for _, p, s in rows)
+    t_max = max(len(s.response_ids) for _, _, s in rows)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    response_index = torch.zeros((n, t_max), dtype=torch.long)
+    response_mask = torch.zeros((n, t_max))
+    behavior = torch.zeros((n, t_max))
+    rewards = torch.zeros((n, t_max))
+    seq_lens = torch.zeros(n, dtype=torch.long)
+    group_of = torch.zeros(n, dtype=torch.long)
+    truncated = torch.zeros(n, dtype=torch.bool)
+    for i, (gi, prompt, s) in enumerate(rows):
+        p, t = len(prompt), len(s.response_ids)
+        if p < 1:
+            raise ValueError("a prompt needs at least one token")
+        input_ids[i, :p] = torch.as_tensor(prompt, dtype=torch.long)
+        input_ids[i, p:p + t] = torch.as_tensor(s.response_ids, dtype=torch.long)
+        attention_mask[i, :p + t] = 1
+        response_index[i, :t] = torch.arange(p - 1, p - 1 + t)
+        response_index[i, t:] = p - 1 + t - 1  # any valid index; masked out
+        response_mask[i, :t] = 1.0
+        behavior[i, :t] = torch.as_tensor(s.logprobs)
+        rewards[i, t - 1] = s.reward  # ORZ: the score sits on the last token
+        seq_lens[i] = p + t
+        group_of[i] = gi
+        truncated[i] = s.finish_reason == "length"
+    return RolloutBatch(input_ids, attention_mask, response_index, response_mask, behavior, rewards, seq_lens,
+                        group_of, truncated)
+
+
+def microbatches(batch: RolloutBatch, max_tokens: int) -> list[torch.Tensor]:
+    """Row indices per micro-batch so that rows × padded width ≤ max_tokens (rows sorted by length)."""
+    order = torch.argsort(batch.seq_lens, descending=True)
+    out: list[torch.Tensor] = []
+    current: list[int] = []
+    width = 0
+    for idx in order.tolist():
+        length = int(batch.seq_lens[idx])
+        new_width = max(width, length)
+        if current and new_width * (len(current) + 1) > max_tokens:
+            out.append(torch.tensor(current))
+            current, new_width = [], length
+        current.append(idx)
+        width = new_width
+    if current:
+        out.append(torch.tensor(current))
+    return out

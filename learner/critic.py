@@ -1,0 +1,39 @@
+"""The critic: the base model's transformer with a scalar value head (ORZ: initialised from the same
+pretrained weights as the actor, not shared; the head has no bias and starts random)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModel
+
+
+class Critic(nn.Module):
+    def __init__(self, backbone: nn.Module, hidden_size: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.value_head = nn.Linear(hidden_size, 1, bias=False)
+        nn.init.normal_(self.value_head.weight, std=1.0 / (hidden_size + 1))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Critic:
+        backbone = AutoModel.from_pretrained(str(path), dtype=torch.float32)
+        critic = cls(backbone, backbone.config.hidden_size)
+        head = Path(path) / "value_head.safetensors"
+        if head.exists():
+            critic.value_head.load_state_dict(load_file(str(head)))
+        return critic
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Values [B, L]: V at position j is the value of the state after reading tokens ≤ j."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.value_head(hidden).squeeze(-1)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        self.backbone.save_pretrained(path, safe_serialization=True)
+        save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()},
+                  str(path / "value_head.safetensors"))

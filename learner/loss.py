@@ -1,0 +1,130 @@
+"""The decoupled-PPO policy loss and ORZ's clipped value loss, token-level over a padded batch.
+
+Runs in the learner process only; pure tensor functions, no state. Formulas as in ARCHITECTURE.md,
+"Off-policy correction (decoupled PPO)". Three policies meet here: μ, the behaviour policy that sampled
+the tokens (`behavior_logprobs`, from the generator); π_prox, the learner's weights at the start of the
+step (`proximal_logprobs`); π_θ, the policy being optimised (`logprobs`). All tensors are [B, T] on the
+response grid of learner/batch.py; `mask` is 1 on valid response tokens and is read as 0/1. Every
+per-token quantity is zeroed at masked positions *before* any exp or product, so whatever padding holds
+(0, −inf, NaN) reaches neither the loss nor its gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from learner.gae import masked_mean
+
+
+def _where_valid(x: Tensor, valid: Tensor) -> Tensor:
+    return torch.where(valid, x, torch.zeros_like(x))
+
+
+def ppo_policy_loss(
+    logprobs: Tensor,
+    proximal_logprobs: Tensor,
+    behavior_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps: float,
+    is_cap: float,
+) -> tuple[Tensor, dict[str, float]]:
+    """Decoupled PPO (Hilton et al. 2021, "Batch size-invariance for policy optimization"; AReaL's
+    decoupled PPO), as ARCHITECTURE.md writes it:
+
+        r_t = π_θ(a_t|s_t) / π_prox(a_t|s_t)                  the PPO ratio, clipped to [1−ε, 1+ε]
+        w_t = min(π_prox(a_t|s_t) / μ(a_t|s_t), c)            truncated importance weight, no gradient
+        L   = −mean_t[ w_t · min(r_t·A_t, clip(r_t, 1−ε, 1+ε)·A_t) ]
+
+    The mean is over every valid token of the batch (token-level, as ORZ). With π_prox = μ (no staleness,
+    matching numerics) w = 1 and this is ORZ's PPO loss.
+
+    Stats (python floats, all means over valid tokens):
+      policy_loss        L.
+      clipfrac           fraction of tokens where the clipped branch is the strict minimum, i.e.
+                         (r > 1+ε and A > 0) or (r < 1−ε and A < 0): exactly the tokens whose gradient
+                         the clip zeroes. A = 0 or r on the bound counts as not clipped.
+      approx_kl          mean of (r − 1) − log r, the k3 estimator (Schulman, "Approximating KL
+                         divergence", 2020) of KL(π_prox ‖ π_θ); unbiased when the tokens come from π_prox.
+      behavior_kl        mean of (ρ − 1) − log ρ with ρ = π_prox/μ: k3 over tokens sampled from μ, so it
+                         estimates KL(μ ‖ π_prox), the off-policyness of the batch (0 when μ = π_prox).
+      is_weight_mean     mean of w after truncation.
+      is_truncated_frac  fraction of tokens where π_prox/μ > c (strictly), i.e. where w = c < π_prox/μ.
+    """
+    valid = mask.bool()
+    # π_prox and μ are fixed snapshots: the gradient flows through π_θ alone, never through w.
+    proximal_logprobs = proximal_logprobs.detach()
+    behavior_logprobs = behavior_logprobs.detach()
+    advantages = _where_valid(advantages.detach(), valid)
+    log_ratio = _where_valid(logprobs - proximal_logprobs, valid)
+    ratio = torch.exp(log_ratio)
+    behavior_log_ratio = _where_valid(proximal_logprobs - behavior_logprobs, valid)
+    behavior_ratio = torch.exp(behavior_log_ratio)
+    is_weight = behavior_ratio.clamp(max=is_cap)
+
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
+    loss = -masked_mean(is_weight * torch.min(unclipped, clipped), mask)
+
+    with torch.no_grad():
+        ratio_d = ratio.detach()
+        clipped_on = ((ratio_d > 1.0 + clip_eps) & (advantages > 0)) | ((ratio_d < 1.0 - clip_eps) & (advantages < 0))
+        stats = {
+            "policy_loss": loss.item(),
+            "clipfrac": masked_mean(clipped_on.float(), mask).item(),
+            "approx_kl": masked_mean((ratio_d - 1.0) - log_ratio.detach(), mask).item(),
+            "behavior_kl": masked_mean((behavior_ratio - 1.0) - behavior_log_ratio, mask).item(),
+            "is_weight_mean": masked_mean(is_weight, mask).item(),
+            "is_truncated_frac": masked_mean((behavior_ratio > is_cap).float(), mask).item(),
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, value_clip: float
+) -> tuple[Tensor, dict[str, float]]:
+    """ORZ's clipped value loss (from OpenRLHF's `ValueLoss`; ARCHITECTURE.md's L_v):
+
+        V_clip = V_old + clip(V − V_old, −ε_v, ε_v)
+        L_v    = ½ · mean_t[ max((V − R)², (V_clip − R)²) ]
+
+    token-level mean over valid tokens. Stats: `value_loss` (L_v) and `value_clipfrac`, the fraction of
+    valid tokens where the clipped term is strictly the larger, i.e. where the clip decides the loss and
+    the token's gradient wrt V is zero.
+    """
+    valid = mask.bool()
+    values = _where_valid(values, valid)
+    old_values = _where_valid(old_values, valid)
+    returns = _where_valid(returns, valid)
+
+    values_clipped = old_values + torch.clamp(values - old_values, -value_clip, value_clip)
+    unclipped_sq = (values - returns) ** 2
+    clipped_sq = (values_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(unclipped_sq, clipped_sq), mask)
+
+    with torch.no_grad():
+        stats = {
+            "value_loss": loss.item(),
+            "value_clipfrac": masked_mean((clipped_sq > unclipped_sq).float(), mask).item(),
+        }
+    return loss, stats
+
+
+@torch.no_grad()
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """1 − Var[R − V] / Var[R] over valid tokens (population variances), a 0-dim tensor.
+
+    1 is a perfect critic, 0 one no better than predicting the batch mean, negative worse than that.
+    When Var[R] = 0 (e.g. ORZ's γ = λ = 1 with every reward in the batch equal, since then R_t = r_T) the
+    quantity is undefined and NaN is returned, as CleanRL does.
+    """
+    valid = mask.bool()
+    values = _where_valid(values, valid)
+    returns = _where_valid(returns, valid)
+    residual = returns - values
+    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    var_residual = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+    if var_returns.item() == 0.0:
+        return torch.tensor(float("nan"), dtype=var_returns.dtype, device=var_returns.device)
+    return 1.0 - var_residual / var_returns

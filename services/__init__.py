@@ -1,0 +1,1 @@
+"""What every orz-async process shares: config, wire protocol, Redis queue, weight sync, metrics, CLI."""

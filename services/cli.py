@@ -1,0 +1,114 @@
+"""The `orz` command line: one entry point for every process.
+
+`services/` imports none of the process packages at module level; each command imports its own process's
+entry point when it runs, so `orz reward-server` never loads torch models and `orz learner` never loads vLLM.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+import yaml
+
+from services.config import Config, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="orz-async: asynchronous PPO-GAE training of reasoning LLMs (ORZ recipe).")
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (see configs/)")
+SetOpt = typer.Option(None, "--set", "-s", help="override a key: --set learner.total_steps=5 (repeatable)")
+
+
+def _overrides(pairs: list[str] | None) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise typer.BadParameter(f"--set expects key=value, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return tree
+
+
+def _setup(config: Path | None, sets: list[str] | None, process: str) -> Config:
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {process} %(name)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stdout)
+    for noisy in ("httpx", "urllib3", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return load_config(config, overrides=_overrides(sets))
+    except (OSError, ValueError) as exc:
+        typer.secho(f"config error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+
+
+def _entry(module: str, func: str = "run"):
+    return getattr(importlib.import_module(module), func)
+
+
+@app.command()
+def up(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt,
+       skip_eval: bool = typer.Option(False, help="do not evaluate base and trained models at the end")) -> None:
+    """Run the whole stack locally: Redis, reward server, generators, learner; then evaluate."""
+    cfg = _setup(config, set_, "up")
+    from services.stack import up as stack_up
+
+    raise typer.Exit(stack_up(cfg, evaluate=not skip_eval))
+
+
+@app.command()
+def learner(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt) -> None:
+    """Run the learner (feeder + PPO-GAE + weight broadcast)."""
+    _entry("learner.main")(_setup(config, set_, "learner"))
+
+
+@app.command()
+def generator(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt) -> None:
+    """Run one generator (vLLM engine pulling prompts from Redis)."""
+    _entry("generator.worker")(_setup(config, set_, "generator"))
+
+
+@app.command("reward-server")
+def reward_server(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt) -> None:
+    """Run the reward server (FastAPI + uvicorn)."""
+    _entry("reward_server.app", "serve")(_setup(config, set_, "reward"))
+
+
+@app.command("make-base-model")
+def make_base_model(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt,
+                    force: bool = typer.Option(False, help="rebuild even if cached"),
+                    out: Path | None = typer.Option(None, help="output directory (default model.base_path)")) -> None:
+    """Build the tiny base model (tokenizer + Qwen2 + brief pretraining), with no download."""
+    cfg = _setup(config, set_, "base-model")
+    import torch
+
+    torch.set_num_threads(2)
+    path = _entry("learner.base_model", "build_base_model")(cfg, out, force)
+    typer.echo(str(path))
+
+
+@app.command("eval")
+def eval_(model: list[Path] = typer.Option(..., "--model", "-m", help="HF model directory (repeatable)"),
+          config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt,
+          out: Path | None = typer.Option(None, help="write results as JSON here")) -> None:
+    """Accuracy on the held-out problems, graded by the reward server at reward.url."""
+    cfg = _setup(config, set_, "eval")
+    results = _entry("generator.evaluate", "evaluate")(cfg, model, out)
+    for name, r in results.items():
+        typer.echo(f"{name}: accuracy {r['accuracy']:.3f}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""The messages that cross process boundaries, and their msgpack encoding (ARCHITECTURE.md, "Wire protocol").
+
+Every message is a frozen dataclass with `to_bytes()` / `from_bytes()`. The envelope is a msgpack map
+`{"v": SCHEMA_VERSION, "t": <type tag>, "d": <payload>}`; token ids and log-probs travel as packed
+little-endian `int32` / `float32` byte strings, never as lists of Python numbers. Anything that does not
+decode to exactly the declared shape raises `ProtocolError`, which the queue turns into a dead-letter
+entry carrying the reason. Nothing here unpickles or evaluates received data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+import msgpack
+import numpy as np
+
+SCHEMA_VERSION = 1
+MAX_MESSAGE_BYTES = 64 * 2**20
+
+
+class ProtocolError(ValueError):
+    """A received message is malformed, of the wrong type, or of an unknown schema version."""
+
+
+def pack_i32(values: Any) -> bytes:
+    return np.ascontiguousarray(values, dtype="<i4").tobytes()
+
+
+def pack_f32(values: Any) -> bytes:
+    return np.ascontiguousarray(values, dtype="<f4").tobytes()
+
+
+def _unpack(raw: Any, dtype: str, what: str) -> np.ndarray:
+    if not isinstance(raw, bytes) or len(raw) % 4:
+        raise ProtocolError(f"{what}: expected packed {dtype} bytes")
+    return np.frombuffer(raw, dtype=dtype).copy()
+
+
+def _get(d: dict[str, Any], key: str, types: type | tuple[type, ...], what: str) -> Any:
+    if key not in d:
+        raise ProtocolError(f"{what}: missing field {key!r}")
+    value = d[key]
+    # bool is an int subclass; a bool where a number is expected is a malformed message.
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise ProtocolError(f"{what}.{key}: expected {types}, got bool")
+    if not isinstance(value, types):
+        raise ProtocolError(f"{what}.{key}: expected {types}, got {type(value).__name__}")
+    return value
+
+
+def _encode(tag: str, payload: dict[str, Any]) -> bytes:
+    return msgpack.packb({"v": SCHEMA_VERSION, "t": tag, "d": payload}, use_bin_type=True)
+
+
+def _decode(raw: bytes, tag: str) -> dict[str, Any]:
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"expected bytes, got {type(raw).__name__}")
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        env = msgpack.unpackb(bytes(raw), raw=False, strict_map_key=True, max_bin_len=MAX_MESSAGE_BYTES)
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated exception types on garbage
+        raise ProtocolError(f"undecodable msgpack: {type(exc).__name__}: {exc}") from None
+    if not isinstance(env, dict):
+        raise ProtocolError("envelope is not a map")
+    version = env.get("v")
+    # `True == 1` and `1.0 == 1` in Python, so compare the type too: only the int 1 is schema version 1.
+    if type(version) is not int or version != SCHEMA_VERSION:
+        raise ProtocolError(f"unknown schema version {version!r} (this build speaks {SCHEMA_VERSION})")
+    if env.get("t") != tag:
+        raise ProtocolError(f"expected message type {tag!r}, got {env.get('t')!r}")
+    payload = env.get("d")
+    if not isinstance(payload, dict):
+        raise ProtocolError("payload is not a map")
+    return payload
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 64
+    stop: tuple[str, ...] = ("</answer>",)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens,
+                "stop": list(self.stop)}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> SamplingParams:
+        if not isinstance(d, dict):
+            raise ProtocolError("sampling: expected a map")
+        temperature = float(_get(d, "temperature", (int, float), "sampling"))
+        top_p = float(_get(d, "top_p", (int, float), "sampling"))
+        max_tokens = _get(d, "max_tokens", int, "sampling")
+        stop = _get(d, "stop", list, "sampling")
+        if not all(isinstance(s, str) for s in stop):
+            raise ProtocolError("sampling.stop: expected a list of strings")
+        if not (0.0 <= temperature <= 10.0) or not (0.0 < top_p <= 1.0) or max_tokens < 1:
+            raise ProtocolError(f"sampling: out of range {d!r}")
+        return cls(temperature, top_p, max_tokens, tuple(stop))
+
+
+@dataclass(frozen=True)
+class PromptTask:
+    """One prompt to sample `n_samples` completions for; the learner's feeder writes it."""
+
+    TAG: ClassVar[str] = "PromptTask"
+    task_id: str
+    prompt: str
+    reference: str
+    task_type: str
+    n_samples: int
+    sampling: SamplingParams
+    feed_version: int
+    prompt_ids: tuple[int, ...] | None = None
+
+    def to_bytes(self) -> bytes:
+        return _encode(self.TAG, {
+            "task_id": self.task_id, "prompt": self.prompt, "reference": self.reference,
+            "task_type": self.task_type, "n_samples": self.n_samples, "sampling": self.sampling.to_dict(),
+            "feed_version": self.feed_version,
+            "prompt_ids": None if self.prompt_ids is None else pack_i32(self.prompt_ids),
+        })
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> PromptTask:
+        d = _decode(raw, cls.TAG)
+        w = cls.TAG
+        ids = d.get("prompt_ids")
+        n_samples = _get(d, "n_samples", int, w)
+        if not 1 <= n_samples <= 4096:
+            raise ProtocolError(f"{w}.n_samples out of range: {n_samples}")
+        return cls(
+            task_id=_get(d, "task_id", str, w), prompt=_get(d, "prompt", str, w),
+            reference=_get(d, "reference", str, w), task_type=_get(d, "task_type", str, w),
+            n_samples=n_samples, sampling=SamplingParams.from_dict(d.get("sampling")),
+            feed_version=_get(d, "feed_version", int, w),
+            prompt_ids=None if ids is None else tuple(int(x) for x in _unpack(ids, "<i4", f"{w}.prompt_ids")),
+        )
+
+
+@dataclass(frozen=True)
+class Sample:
+    response_ids: np.ndarray  # int32 [T]
+    logprobs: np.ndarray  # float32 [T], behaviour policy μ's log-prob of each sampled token
+    reward: float
+    finish_reason: str  # "stop" | "length" | "abort"
+    text: str
+    verdict: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"response_ids": pack_i32(self.response_ids), "logprobs": pack_f32(self.logprobs),
+                "reward": float(self.reward), "finish_reason": self.finish_reason, "text": self.text,
+                "verdict": self.verdict}
+
+    @classmethod
+    def from_dict(cls, d: Any, what: str) -> Sample:
+        if not isinstance(d, dict):
+            raise ProtocolError(f"{what}: expected a map")
+        ids = _unpack(_get(d, "response_ids", bytes, what), "<i4", f"{what}.response_ids")
+        lps = _unpack(_get(d, "logprobs", bytes, what), "<f4", f"{what}.logprobs")
+        if ids.shape != lps.shape:
+            raise ProtocolError(f"{what}: {ids.size} response ids but {lps.size} logprobs")
+        if not np.all(np.isfinite(lps)) or np.any(lps > 1e-4):
+            raise ProtocolError(f"{what}: logprobs must be finite and <= 0")
+        reward = float(_get(d, "reward", (int, float), what))
+        if not math.isfinite(reward):
+            raise ProtocolError(f"{what}: reward is not finite")
+        return cls(ids, lps, reward, _get(d, "finish_reason", str, what), _get(d, "text", str, what),
+                   d.get("verdict", "") if isinstance(d.get("verdict", ""), str) else "")
+
+
+@dataclass(frozen=True)
+class TrajectoryGroup:
+    """All samples for one prompt, published by a generator once they are graded."""
+
+    TAG: ClassVar[str] = "TrajectoryGroup"
+    task_id: str
+    prompt_ids: np.ndarray  # int32 [P]
+    samples: tuple[Sample, ...]
+    policy_version: int  # version of the weights at the first sampled token
+    generator_id: str
+    policy_version_last: int = -1  # version at the last token (== policy_version while loads happen between calls)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        return _encode(self.TAG, {
+            "task_id": self.task_id, "prompt_ids": pack_i32(self.prompt_ids),
+            "samples": [s.to_dict() for s in self.samples], "policy_version": self.policy_version,
+            "policy_version_last": self.policy_version_last if self.policy_version_last >= 0
+            else self.policy_version,
+            "generator_id": self.generator_id, "timings": {k: float(v) for k, v in self.timings.items()},
+        })
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> TrajectoryGroup:
+        d = _decode(raw, cls.TAG)
+        w = cls.TAG
+        samples = _get(d, "samples", list, w)
+        if not samples:
+            raise ProtocolError(f"{w}: no samples")
+        timings = d.get("timings", {})
+        if not isinstance(timings, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            for k, v in timings.items()
+        ):
+            raise ProtocolError(f"{w}.timings: expected a map of str to number")
+        version = _get(d, "policy_version", int, w)
+        version_last = _get(d, "policy_version_last", int, w) if "policy_version_last" in d else version
+        return cls(
+            task_id=_get(d, "task_id", str, w),
+            prompt_ids=_unpack(_get(d, "prompt_ids", bytes, w), "<i4", f"{w}.prompt_ids"),
+            samples=tuple(Sample.from_dict(s, f"{w}.samples[{i}]") for i, s in enumerate(samples)),
+            policy_version=version, generator_id=_get(d, "generator_id", str, w),
+            policy_version_last=version_last, timings=dict(timings),
+        )
+
+
+@dataclass(frozen=True)
+class WeightsAnnouncement:
+    """Published on `{ns}:weights` and stored at `{ns}:weights_meta`: where to join the weight-sync group
+    and the flat layout of what will be broadcast (parameter names, shapes, dtype, bucket size)."""
+
+    TAG: ClassVar[str] = "WeightsAnnouncement"
+    rendezvous: str  # tcp://host:port
+    world_size: int
+    backend: str
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtype: str
+    bucket_bytes: int
+    session: str
+
+    def to_bytes(self) -> bytes:
+        return _encode(self.TAG, {
+            "rendezvous": self.rendezvous, "world_size": self.world_size, "backend": self.backend,
+            "names": list(self.names), "shapes": [list(s) for s in self.shapes], "dtype": self.dtype,
+            "bucket_bytes": self.bucket_bytes, "session": self.session,
+        })
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> WeightsAnnouncement:
+        d = _decode(raw, cls.TAG)
+        w = cls.TAG
+        names = _get(d, "names", list, w)
+        shapes = _get(d, "shapes", list, w)
+        if len(names) != len(shapes) or not all(isinstance(n, str) for n in names):
+            raise ProtocolError(f"{w}: names and shapes disagree")
+        if not all(isinstance(s, list) and all(type(x) is int and x >= 0 for x in s) for s in shapes):
+            raise ProtocolError(f"{w}.shapes: expected lists of non-negative ints")
+        return cls(
+            rendezvous=_get(d, "rendezvous", str, w), world_size=_get(d, "world_size", int, w),
+            backend=_get(d, "backend", str, w), names=tuple(names), shapes=tuple(tuple(s) for s in shapes),
+            dtype=_get(d, "dtype", str, w), bucket_bytes=_get(d, "bucket_bytes", int, w),
+            session=_get(d, "session", str, w),
+        )
+
+
+M = TypeVar("M", PromptTask, TrajectoryGroup, WeightsAnnouncement)

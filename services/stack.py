@@ -1,0 +1,218 @@
+"""`orz up`: the whole system on one machine, each part its own OS process.
+
+Order: base model (built if missing) → Redis (embedded unless `redis.url` is set) → reward server → learner
+(waits until it has reset the run's streams) → generators → progress until the learner finishes →
+generators stopped → evaluation of the base and the trained model → everything stopped. Children run in
+their own sessions with logs under `runs/<run>/logs/`; Ctrl-C (or SIGTERM) stops all of them, newest first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from services.config import Config, config_to_env
+from services.metrics import free_port
+from services.queue import Keys
+from services.redis_server import EmbeddedRedis, connect
+
+console = Console()
+
+
+class Child:
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log: IO[bytes] = self.log_path.open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+
+    def tail(self, lines: int = 30) -> str:
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def _wait(what: str, check, timeout_s: float, children: list[Child]) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        for child in children:
+            if not child.alive():
+                raise StackError(f"{child.name} exited with code {child.proc.returncode} while waiting for {what}:\n"
+                                 f"{child.tail()}")
+        if check():
+            return
+        time.sleep(0.3)
+    raise StackError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _follow(metrics_path: Path, offset: int) -> tuple[list[dict], int]:
+    if not metrics_path.exists():
+        return [], offset
+    with metrics_path.open() as f:
+        f.seek(offset)
+        chunk = f.read()
+    complete = chunk[: chunk.rfind("\n") + 1]
+    return [json.loads(line) for line in complete.splitlines() if line.strip()], offset + len(complete)
+
+
+def up(cfg: Config, evaluate: bool = True) -> int:
+    t_start = time.time()
+    run_path = cfg.run_path
+    log_dir = run_path / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    children: list[Child] = []
+    redis_server: EmbeddedRedis | None = None
+
+    def on_signal(signum, _frame) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    env = dict(os.environ)
+    try:
+        # A model built by `orz make-base-model` is (re)built when missing or made from another recipe; a
+        # user's own HF directory (no base_model.json) is used as it is.
+        built_here = (cfg.model.path / "base_model.json").exists()
+        if built_here or not (cfg.model.path / "config.json").exists():
+            console.print(f"[bold]base model[/] at {cfg.model.path} (built once, then cached)")
+            subprocess.run([sys.executable, "-m", "services.cli", "make-base-model"], env={**env, **config_to_env(cfg)},
+                           check=True)
+        if cfg.redis.url is None:
+            redis_server = EmbeddedRedis().start()
+            cfg.redis.url = redis_server.url
+        own_reward_server = cfg.reward.url is None
+        if own_reward_server:
+            cfg.reward.port = free_port(cfg.reward.host)
+            cfg.reward.url = f"http://{cfg.reward.host}:{cfg.reward.port}"
+        env.update(config_to_env(cfg))
+        console.print(f"run [bold]{cfg.run_name}[/]: redis {cfg.redis.url}, reward server {cfg.reward.url}, "
+                      f"{cfg.generator.num} generators, {cfg.learner.total_steps} steps; logs in {log_dir}")
+
+        if own_reward_server:
+            children.append(Child("reward_server", ["reward-server"], env, log_dir))
+        _wait("the reward server", lambda: _healthy(f"{cfg.reward.url}/healthz"), 120, children)
+
+        redis = connect(cfg.redis.url, cfg.redis.socket_timeout_s)
+        keys = Keys(cfg.namespace)
+        learner = Child("learner", ["learner"], env, log_dir)
+        children.append(learner)
+        _wait("the learner to reset the run's streams", lambda: redis.exists(keys.weights_meta) == 1, 300, children)
+        for i in range(cfg.generator.num):
+            children.append(Child(f"generator-{i}", ["generator"], env, log_dir))
+
+        metrics_path = run_path / "metrics.jsonl"
+        offset = 0
+        history: list[dict] = []
+        with Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("reward {task.fields[reward]}"), TimeElapsedColumn(), console=console) as progress:
+            bar = progress.add_task("train", total=cfg.learner.total_steps, reward="-")
+            while learner.alive():
+                for child in children:
+                    if child is not learner and not child.alive():
+                        raise StackError(f"{child.name} exited with code {child.proc.returncode}:\n{child.tail()}")
+                records, offset = _follow(metrics_path, offset)
+                for r in records:
+                    history.append(r)
+                    progress.console.print(
+                        f"step {r['step']:>4}  v{r['policy_version']:<4} reward {r['reward_mean']:.3f}  "
+                        f"len {r['response_len_mean']:5.1f}  staleness {r['staleness_mean']:.2f}  "
+                        f"dropped {r['dropped_stale']}  step {r['step_time_s']:.2f}s")
+                    progress.update(bar, completed=r["step"], reward=f"{r['reward_mean']:.3f}")
+                time.sleep(0.5)
+            records, offset = _follow(metrics_path, offset)
+            history.extend(records)
+        if learner.proc.returncode != 0:
+            raise StackError(f"learner exited with code {learner.proc.returncode}:\n{learner.tail()}")
+        t_trained = time.time()
+        for child in children:
+            if child.name.startswith("generator"):
+                child.stop()
+        summary = _summary(history, t_trained - t_start)
+        if evaluate:
+            final = run_path / "checkpoints" / "final"
+            ev = Child("eval", ["eval", "--model", str(cfg.model.path), "--model", str(final),
+                                "--out", str(run_path / "eval.json")], env, log_dir)
+            children.append(ev)
+            ev.proc.wait()
+            if ev.proc.returncode != 0:
+                raise StackError(f"evaluation failed:\n{ev.tail()}")
+            results = json.loads((run_path / "eval.json").read_text())
+            summary["base_accuracy"] = results[str(cfg.model.path)]["accuracy"]
+            summary["trained_accuracy"] = results[str(final)]["accuracy"]
+        summary["wall_s"] = round(time.time() - t_start, 1)
+        (run_path / "summary.json").write_text(json.dumps(summary, indent=2))
+        _print_summary(summary, run_path)
+        return 0
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: stopping every process[/]")
+        return 130
+    except StackError as exc:
+        console.print(f"[red]{exc}[/]")
+        return 1
+    finally:
+        for child in reversed(children):
+            child.stop()
+        if redis_server is not None:
+            redis_server.stop()
+
+
+def _summary(history: list[dict], train_wall_s: float) -> dict:
+    if not history:
+        return {"steps": 0}
+    k = max(1, len(history) // 5)
+    tokens = sum(r["response_len_mean"] * len(r["task_ids"]) for r in history)
+    return {
+        "steps": len(history),
+        "reward_first_steps": sum(r["reward_mean"] for r in history[:k]) / k,
+        "reward_last_steps": sum(r["reward_mean"] for r in history[-k:]) / k,
+        "learner_step_s_mean": sum(r["step_time_s"] for r in history) / len(history),
+        "learner_train_s_mean": sum(r["train_s"] for r in history) / len(history),
+        "train_phase_s": round(train_wall_s, 1),
+        "dropped_stale_total": history[-1]["dropped_stale_total"],
+        "staleness_mean": sum(r["staleness_mean"] for r in history) / len(history),
+        "trained_groups": sum(len(r["task_ids"]) for r in history),
+        "trained_response_tokens": tokens,
+    }
+
+
+def _print_summary(s: dict, run_path: Path) -> None:
+    console.print(f"[bold green]done[/] in {s['wall_s']:.0f} s — {s.get('steps', 0)} steps; "
+                  f"train reward {s.get('reward_first_steps', 0):.3f} → {s.get('reward_last_steps', 0):.3f}")
+    if "base_accuracy" in s:
+        console.print(f"held-out accuracy: base model [bold]{s['base_accuracy']:.3f}[/] → "
+                      f"trained [bold]{s['trained_accuracy']:.3f}[/]")
+    console.print(f"metrics {run_path / 'metrics.jsonl'}, plot {run_path / 'curves.png'}, "
+                  f"checkpoint {run_path / 'checkpoints' / 'final'}")

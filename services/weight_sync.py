@@ -1,0 +1,160 @@
+"""Learner → generator weight broadcast over a torch.distributed process group (gloo on CPU, NCCL on GPU).
+
+The group is built directly from a `TCPStore` (a "stateless" group, as vLLM's and OpenRLHF's weight-sync
+groups are), not through `init_process_group`, so the learner's own default group stays free for data
+parallelism. The learner is rank 0 and hosts the store; generators take ranks 1..N.
+
+Parameters are flattened into buckets of at most `bucket_bytes` (one collective per bucket, never one per
+parameter — per-parameter calls are a known cause of slow syncs in peers, ../shared/STYLE.md). Each
+broadcast is preceded by a small header `[version, n_buckets]`; version −1 tells receivers to stop.
+The layout (names, shapes, dtype, bucket size) travels once, in the `WeightsAnnouncement` kept in Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from services.protocol import WeightsAnnouncement
+
+log = logging.getLogger("orz.weight_sync")
+
+STOP_VERSION = -1
+
+
+def resolve_backend(backend: str) -> str:
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return backend
+
+
+def bucket_layout(shapes: Iterable[tuple[int, ...]], elem_bytes: int, bucket_bytes: int) -> list[list[int]]:
+    """Indices of the tensors in each bucket, in order; a tensor larger than a bucket gets one of its own."""
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for i, shape in enumerate(shapes):
+        size = elem_bytes
+        for d in shape:
+            size *= d
+        if current and used + size > bucket_bytes:
+            buckets.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += size
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def make_group(backend: str, rendezvous: str, rank: int, world_size: int, timeout_s: float,
+               session: str) -> dist.ProcessGroup:
+    """Join (rank > 0) or host (rank 0) the weight-sync group at `tcp://host:port`."""
+    if not rendezvous.startswith("tcp://"):
+        raise ValueError(f"rendezvous must be tcp://host:port, got {rendezvous!r}")
+    host, port = rendezvous[len("tcp://"):].rsplit(":", 1)
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(host, int(port), world_size, is_master=(rank == 0), timeout=timeout,
+                          wait_for_workers=False)
+    store = dist.PrefixStore(f"orz-weights/{session}", store)
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+    if backend == "nccl":  # pragma: no cover - needs GPUs
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, world_size, opts)
+    raise ValueError(f"unknown weight-sync backend {backend!r}")
+
+
+def _broadcast(group: dist.ProcessGroup, tensor: torch.Tensor) -> None:
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    opts.rootTensor = 0
+    group.broadcast([tensor], opts).wait()
+
+
+class WeightSender:
+    """Rank 0 (the learner): hosts the group and broadcasts a named-parameter dict per new version."""
+
+    def __init__(self, announcement: WeightsAnnouncement, timeout_s: float) -> None:
+        self.ann = announcement
+        self.dtype = getattr(torch, announcement.dtype)
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        self.buckets = bucket_layout(announcement.shapes, elem, announcement.bucket_bytes)
+        self.device = torch.device("cuda" if announcement.backend == "nccl" else "cpu")
+        self.group: dist.ProcessGroup | None = None
+        self.timeout_s = timeout_s
+
+    def connect(self) -> float:
+        """Blocks until every generator rank has joined; returns the seconds it waited."""
+        t0 = time.time()
+        self.group = make_group(self.ann.backend, self.ann.rendezvous, 0, self.ann.world_size,
+                                self.timeout_s, self.ann.session)
+        return time.time() - t0
+
+    def send(self, version: int, params: dict[str, torch.Tensor]) -> float:
+        assert self.group is not None, "connect() first"
+        t0 = time.time()
+        header = torch.tensor([version, len(self.buckets)], dtype=torch.int64, device=self.device)
+        _broadcast(self.group, header)
+        with torch.no_grad():
+            for idx in self.buckets:
+                flat = torch.cat([params[self.ann.names[i]].detach().to(self.device, self.dtype).reshape(-1)
+                                  for i in idx])
+                _broadcast(self.group, flat)
+        return time.time() - t0
+
+    def stop(self) -> None:
+        if self.group is None:
+            return
+        try:
+            _broadcast(self.group, torch.tensor([STOP_VERSION, 0], dtype=torch.int64, device=self.device))
+        except Exception as exc:  # receivers may already be gone; stopping must not fail the learner
+            log.warning("weight-sync stop broadcast failed: %s", exc)
+        self.group = None
+
+
+class WeightReceiver:
+    """Ranks 1..N (generators): receive one version at a time as a list of (HF name, tensor)."""
+
+    def __init__(self, announcement: WeightsAnnouncement, rank: int, timeout_s: float) -> None:
+        if not 1 <= rank < announcement.world_size:
+            raise ValueError(f"rank {rank} outside the weight-sync group of size {announcement.world_size}")
+        self.ann = announcement
+        self.rank = rank
+        self.dtype = getattr(torch, announcement.dtype)
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        self.buckets = bucket_layout(announcement.shapes, elem, announcement.bucket_bytes)
+        self.device = torch.device("cuda" if announcement.backend == "nccl" else "cpu")
+        self.group = make_group(announcement.backend, announcement.rendezvous, rank, announcement.world_size,
+                                timeout_s, announcement.session)
+
+    def receive(self) -> tuple[int, list[tuple[str, torch.Tensor]]]:
+        """Blocks for the next broadcast; returns (version, weights), or (STOP_VERSION, []) at shutdown."""
+        header = torch.zeros(2, dtype=torch.int64, device=self.device)
+        _broadcast(self.group, header)
+        version, n_buckets = int(header[0]), int(header[1])
+        if version == STOP_VERSION:
+            return STOP_VERSION, []
+        if n_buckets != len(self.buckets):
+            raise RuntimeError(f"sender uses {n_buckets} buckets, this layout has {len(self.buckets)}")
+        out: list[tuple[str, torch.Tensor]] = []
+        for idx in self.buckets:
+            sizes = [_numel(self.ann.shapes[i]) for i in idx]
+            flat = torch.empty(sum(sizes), dtype=self.dtype, device=self.device)
+            _broadcast(self.group, flat)
+            for i, chunk in zip(idx, torch.split(flat, sizes)):
+                out.append((self.ann.names[i], chunk.view(self.ann.shapes[i])))
+        return version, out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
