@@ -136,6 +136,20 @@ class Generator:
         self.metrics.version.set(version)
         log.info("loaded weights v%d in %.3f s", version, seconds)
 
+    def _catch_up(self, listener: WeightListener, feed_version: int) -> None:
+        """Never sample a prompt with weights older than the version it was fed at.
+
+        The learner feeds right after its broadcast returns, which can be a moment before this process's
+        listener has unpacked the new weights; waiting for them here (briefly) keeps staleness at the
+        admission-control bound instead of one version more.
+        """
+        deadline = time.time() + self.cfg.generator.weight_wait_s
+        while True:
+            self._load_pending(listener)
+            if self.version >= feed_version or not listener.is_alive() or time.time() > deadline:
+                return
+            time.sleep(0.005)
+
     def _take_prompts(self) -> list[tuple[str, PromptTask]]:
         n = self.cfg.generator.prompts_per_batch
         taken = self.prompts.reclaim(self.id, self.cfg.redis.claim_idle_ms, n)
@@ -195,10 +209,9 @@ class Generator:
         # and a live peer reclaims them (ARCHITECTURE.md, step 4).
         self.prompts.ack([eid for eid, _ in batch])
         self.metrics.groups.inc(len(tasks))
-        rewards = [s.reward for comps in completions for s in comps]
         log.info("v%d: %d prompts, %d tokens in %.2f s (%.0f tok/s), graded in %.2f s, reward %.3f",
                  version, len(tasks), n_tokens, gen_s, n_tokens / max(gen_s, 1e-9), grade_s,
-                 float(np.mean([by_id[i.id].reward for i in items])) if rewards else 0.0)
+                 float(np.mean([g.reward for g in grades])))
 
     def run(self) -> None:
         gcfg = self.cfg.generator
@@ -227,6 +240,7 @@ class Generator:
                 self._load_pending(listener)
                 batch = self._take_prompts()
                 if batch:
+                    self._catch_up(listener, max(t.feed_version for _, t in batch))
                     self._process(batch)
         finally:
             self.stop_event.set()

@@ -1,8 +1,10 @@
 """The feeder: owns the dataset cursor and keeps the prompt stream topped up (ARCHITECTURE.md, step 1).
 
 Admission control (AReaL's rule): at most `max_inflight_prompts` = batch_prompts × (max_staleness + 1)
-prompts are fed but not yet consumed by the learner, so generators can run ahead by at most
-`max_staleness` versions and stale drops stay rare.
+prompts are fed and not yet trained or dropped, where a batch counts as trained only once its step is
+done and the version has advanced. So the prompts fed at version v are trained by version
+v + max_staleness at the latest, and stale drops stay rare. (Freeing capacity as soon as a group is read
+would let the feeder refill at the old version mid-step, and those prompts arrive one version too late.)
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ class Feeder:
         s = cfg.sampling
         self.sampling = SamplingParams(s.temperature, s.top_p, s.max_tokens, tuple(s.stop))
         self.fed = 0
-        self.consumed = 0
+        self.trained = 0  # groups of completed steps
+        self.dropped = 0  # groups dropped as stale
         self._ledger: TextIO = ledger_path.open("a")
 
     @property
     def inflight(self) -> int:
-        return self.fed - self.consumed
+        return self.fed - self.trained - self.dropped
 
     def top_up(self, version: int) -> int:
         """Adds prompts until `max_inflight_prompts` are in flight; returns how many were added."""

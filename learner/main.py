@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import threading
 import time
@@ -132,8 +133,8 @@ class Learner:
                     self.redis.xack(self.keys.trajectories, TRAJECTORY_GROUP, entry_id)
                     continue
                 self.consumed.add(group.task_id)
-                self.feeder.consumed += 1
                 if self.version - group.policy_version > lc.max_staleness:
+                    self.feeder.dropped += 1
                     self.metrics.dropped.inc()
                     drop_log.append(group.task_id)
                     self.feeder.record("dropped_stale", group.task_id, step)
@@ -180,6 +181,7 @@ class Learner:
                 self.trajectories.ack([eid for eid, _ in batch] + to_ack)
                 for _, g in batch:
                     self.feeder.record("trained", g.task_id, step)
+                self.feeder.trained += len(batch)
 
                 rewards = np.array([s.reward for g in groups for s in g.samples])
                 lengths = np.array([len(s.response_ids) for g in groups for s in g.samples])
@@ -203,15 +205,15 @@ class Learner:
                     "task_ids": [g.task_id for g in groups],
                     "stats": stats,
                 }
-                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.write(json.dumps(_json_safe(record)) + "\n")
                 metrics_file.flush()
                 history.append(record)
                 self._export(record)
                 log.info(
-                    "step %d/%d v%d reward %.3f len %.1f staleness %.2f dropped %d clipfrac %.3f kl %.4f "
+                    "step %d/%d v%d reward %.3f len %.1f staleness %.2f dropped %d clipfrac %.3f kl(mu|prox) %.4f "
                     "vloss %.4f step %.2fs (wait %.2f train %.2f bcast %.3f)",
                     step, lc.total_steps, self.version, record["reward_mean"], record["response_len_mean"],
-                    record["staleness_mean"], len(drops), record["clipfrac"], record["approx_kl"],
+                    record["staleness_mean"], len(drops), record["clipfrac"], record["behavior_kl"],
                     record["value_loss"], record["step_time_s"], record["wait_s"], record["train_s"], broadcast_s,
                 )
                 if step % 10 == 0:
@@ -251,6 +253,17 @@ class Learner:
         self.tokenizer.save_pretrained(path)
         self.critic.save_pretrained(path / "critic")
         log.info("checkpoint (HF format) written to %s", path)
+
+
+def _json_safe(value):
+    """NaN/inf (e.g. explained variance of a batch whose returns are all equal) become null: strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def run(cfg: Config) -> None:

@@ -26,18 +26,18 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     base_path: str = Field("~/.cache/orz/tiny-arith-base", description="HF-format base model directory")
     vocab_size: int = Field(384, description="tokenizer vocabulary built by make-base-model")
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    num_layers: int = 3
-    num_heads: int = 2
-    num_kv_heads: int = 1
+    hidden_size: int = Field(128, description="tiny base model: hidden size")
+    intermediate_size: int = Field(384, description="tiny base model: MLP size")
+    num_layers: int = Field(3, description="tiny base model: transformer layers")
+    num_heads: int = Field(2, description="tiny base model: attention heads")
+    num_kv_heads: int = Field(1, description="tiny base model: key/value heads (GQA)")
     pretrain_steps: int = Field(800, description="supervised steps on the toy task's noisy traces")
-    pretrain_batch: int = 64
-    pretrain_lr: float = 3e-3
+    pretrain_batch: int = Field(64, description="sequences per pretraining step")
+    pretrain_lr: float = Field(3e-3, description="peak pretraining learning rate (cosine decay)")
     answer_correct_prob: float = Field(
         0.3, description="fraction of pretraining traces whose final answer is right (the base model's prior)"
     )
-    seed: int = 0
+    seed: int = Field(0, description="seed of the model build")
 
     @property
     def path(self) -> Path:
@@ -45,102 +45,104 @@ class ModelConfig(_Section):
 
 
 class TaskConfig(_Section):
-    kind: Literal["toy_arith"] = "toy_arith"
-    seed: int = 1234
-    min_terms: int = 2
-    max_terms: int = 3
-    max_operand: int = 9
+    kind: Literal["toy_arith"] = Field("toy_arith", description="prompt source (the synthetic arithmetic task)")
+    seed: int = Field(1234, description="seed of the prompt order and the evaluation sample")
+    min_terms: int = Field(2, description="fewest numbers in a problem")
+    max_terms: int = Field(3, description="most numbers in a problem")
+    max_operand: int = Field(9, description="largest number in a problem")
     eval_size: int = Field(200, description="held-out problems for the accuracy report")
-    task_type: str = "math"
+    task_type: str = Field("math", description="grader the reward server uses")
 
 
 class SamplingConfig(_Section):
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 64
-    stop: list[str] = Field(default_factory=lambda: ["</answer>"])
+    temperature: float = Field(1.0, description="ORZ: 1.0")
+    top_p: float = Field(1.0, description="ORZ: 1.0")
+    max_tokens: int = Field(64, description="response token cap; longer responses are truncated and get reward 0")
+    stop: list[str] = Field(default_factory=lambda: ["</answer>"], description="stop strings, kept in the output (ORZ)")
 
 
 class RedisConfig(_Section):
     url: str | None = Field(None, description="redis://host:port/db; null starts an embedded redis-server")
     claim_idle_ms: int = Field(60_000, description="pending entries idle this long are reclaimed (XAUTOCLAIM)")
-    block_ms: int = 1000
-    socket_timeout_s: float = 10.0
+    block_ms: int = Field(1000, description="XREADGROUP block time")
+    socket_timeout_s: float = Field(10.0, description="timeout of every Redis call")
 
 
 class RewardConfig(_Section):
     url: str | None = Field(None, description="reward server base URL; `orz up` fills it in")
-    host: str = "127.0.0.1"
-    port: int = 8600
-    grader_procs: int = 2
+    host: str = Field("127.0.0.1", description="reward server bind address")
+    port: int = Field(8600, description="reward server port (`orz up` picks a free one)")
+    grader_procs: int = Field(2, description="grading worker processes")
     grade_timeout_s: float = Field(5.0, description="wall-clock limit per item; the worker is killed past it")
     worker_mem_mb: int = Field(2048, description="RLIMIT_AS per grading worker")
-    max_items: int = 1024
-    max_response_chars: int = 200_000
-    max_reference_chars: int = 10_000
+    max_items: int = Field(1024, description="items per /v1/grade request")
+    max_response_chars: int = Field(200_000, description="characters per response")
+    max_reference_chars: int = Field(10_000, description="characters per reference answer")
     request_timeout_s: float = Field(60.0, description="client-side HTTP timeout")
     token: str | None = Field(None, description="bearer token required when set")
 
 
 class GeneratorConfig(_Section):
     num: int = Field(2, description="generators started by `orz up`")
-    backend: Literal["vllm"] = "vllm"
+    backend: Literal["vllm"] = Field("vllm", description="inference engine")
     prompts_per_batch: int = Field(8, description="prompts taken from the queue per engine call")
-    dtype: str = "float32"
-    kv_cache_mb: int = 64
-    max_model_len: int = 256
-    threads: int = 1
-    seed: int = 0
-    heartbeat_s: float = 2.0
+    dtype: str = Field("float32", description="engine dtype (float32 on CPU: no avx512_bf16 here)")
+    kv_cache_mb: int = Field(64, description="vLLM KV-cache size")
+    max_model_len: int = Field(256, description="prompt + response token limit of the engine")
+    threads: int = Field(1, description="CPU threads per engine")
+    seed: int = Field(0, description="engine seed (the process id is added)")
+    weight_wait_s: float = Field(
+        5.0, description="longest wait for the weights of a prompt's feed version before sampling it anyway")
+    heartbeat_s: float = Field(2.0, description="generator heartbeat period in Redis")
     metrics_port: int = Field(0, description="0 picks a free port")
 
 
 class LearnerConfig(_Section):
-    total_steps: int = 40
-    batch_prompts: int = 16
-    n_samples: int = 8
-    max_staleness: int = 1
+    total_steps: int = Field(40, description="learner steps (policy versions) of the run")
+    batch_prompts: int = Field(16, description="prompts (trajectory groups) per step; ORZ: 128")
+    n_samples: int = Field(8, description="samples per prompt; ORZ: 64")
+    max_staleness: int = Field(1, description="groups sampled more than this many versions ago are dropped")
     max_inflight_prompts: int | None = Field(
         None, description="default batch_prompts × (max_staleness + 1) (AReaL's admission rule)"
     )
-    advantage: Literal["gae"] = "gae"
-    gamma: float = 1.0
-    lam: float = 1.0
-    normalize_advantages: bool = True
-    clip_eps: float = 0.2
-    value_clip: float = 0.2
-    is_cap: float = 2.0
-    actor_lr: float = 1e-6
-    critic_lr: float = 5e-6
-    warmup_steps: int = 50
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    policy_steps_per_iter: int = 1
-    critic_steps_per_iter: int = 12
-    seed: int = 0
-    threads: int = 1
+    advantage: Literal["gae"] = Field("gae", description="advantage estimator")
+    gamma: float = Field(1.0, description="GAE discount (ORZ: 1)")
+    lam: float = Field(1.0, description="GAE λ (ORZ: 1)")
+    normalize_advantages: bool = Field(True, description="batch-level advantage whitening (ORZ)")
+    clip_eps: float = Field(0.2, description="PPO ratio clip ε")
+    value_clip: float = Field(0.2, description="value clip ε_v")
+    is_cap: float = Field(2.0, description="truncation c of the importance weight π_prox/μ")
+    actor_lr: float = Field(1e-6, description="policy learning rate (ORZ 7B: 1e-6)")
+    critic_lr: float = Field(5e-6, description="critic learning rate (ORZ 7B: 5e-6)")
+    warmup_steps: int = Field(50, description="linear warm-up, then constant (ORZ: 50)")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    weight_decay: float = Field(0.0, description="AdamW weight decay (ORZ: 0)")
+    grad_clip: float = Field(1.0, description="gradient norm clip")
+    policy_steps_per_iter: int = Field(1, description="actor optimiser steps per batch (ORZ: 1)")
+    critic_steps_per_iter: int = Field(12, description="critic optimiser steps per batch (ORZ: 12)")
+    seed: int = Field(0, description="learner seed")
+    threads: int = Field(1, description="torch CPU threads")
     metrics_port: int = Field(0, description="0 picks a free port")
     wait_timeout_s: float = Field(600.0, description="give up if no trajectory arrives for this long")
 
 
 class WeightSyncConfig(_Section):
-    backend: Literal["auto", "gloo", "nccl"] = "auto"
-    host: str = "127.0.0.1"
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl with CUDA, else gloo")
+    host: str = Field("127.0.0.1", description="address generators use to reach the learner")
     port: int = Field(0, description="rendezvous port; 0 lets the learner pick a free one")
-    bucket_mb: int = 256
-    timeout_s: float = 600.0
+    bucket_mb: int = Field(256, description="flat broadcast bucket size")
+    timeout_s: float = Field(600.0, description="collective timeout")
 
 
 class EvalConfig(_Section):
     temperature: float = Field(1.0, description="ORZ reports accuracy averaged over samples at temperature 1")
     samples: int = Field(4, description="samples per held-out problem (avg@k)")
-    max_tokens: int = 64
+    max_tokens: int = Field(64, description="response token cap during evaluation")
 
 
 class Config(_Section):
-    run_name: str = "tiny"
-    run_dir: str = "runs"
+    run_name: str = Field("tiny", description="names the run directory and the Redis namespace orz:<run_name>")
+    run_dir: str = Field("runs", description="metrics, plots, logs and checkpoints go to <run_dir>/<run_name>")
     model: ModelConfig = Field(default_factory=ModelConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
@@ -241,3 +243,24 @@ def config_to_env(cfg: Config) -> dict[str, str]:
 
     walk([], cfg.model_dump(mode="json"))
     return env
+
+
+def reference_markdown() -> str:
+    """The configuration reference table of the README, generated from the models above."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+
+    def row(key: str, field: Any) -> None:
+        default = field.default if field.default_factory is None else field.default_factory()
+        if isinstance(default, BaseModel):
+            return
+        shown = yaml.safe_dump(default, default_flow_style=True, width=1 << 20).strip().removesuffix("...").strip()
+        lines.append(f"| `{key}` | `{shown}` | {field.description or ''} |")
+
+    for name, field in Config.model_fields.items():
+        section = field.default_factory() if field.default_factory is not None else None
+        if isinstance(section, BaseModel):
+            for sub, subfield in type(section).model_fields.items():
+                row(f"{name}.{sub}", subfield)
+        else:
+            row(name, field)
+    return "\n".join(lines)

@@ -15,7 +15,7 @@ def brute_force_gae(
 ) -> tuple[list[list[float]], list[list[float]]]:
     """The GAE paper's sum form, A_t = Σ_l (γλ)^l δ_{t+l}, with explicit loops and V = 0 after the end."""
     advantages, returns = [], []
-    for r, v, n in zip(rewards, values, lengths):
+    for r, v, n in zip(rewards, values, lengths, strict=True):
         horizon = len(r)
         deltas = [r[t] + gamma * (v[t + 1] if t + 1 < n else 0.0) - v[t] for t in range(n)]
         a_row = [0.0] * horizon
@@ -73,10 +73,10 @@ def test_orz_terminal_reward_identity() -> None:
     rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
     mask = prefix_mask([3, 2], 4)
     advantages, returns = compute_gae(rewards, values, mask, 1.0, 1.0)
-    torch.testing.assert_close(advantages, torch.tensor([[0.8, 0.5, 0.1, 0.0], [-0.3, 0.4, 0.0, 0.0]],
-                                                        dtype=torch.float64))
-    torch.testing.assert_close(returns, torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
-                                                     dtype=torch.float64))
+    torch.testing.assert_close(
+        advantages, torch.tensor([[0.8, 0.5, 0.1, 0.0], [-0.3, 0.4, 0.0, 0.0]], dtype=torch.float64)
+    )
+    torch.testing.assert_close(returns, torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64))
 
     # The same identity on a random batch: terminal rewards r_T, any critic.
     gen = torch.Generator().manual_seed(7)

@@ -138,16 +138,17 @@ def test_masked_tokens_do_not_matter() -> None:
         return loss, stats, grad
 
     loss, stats, grad = run(logprobs, proximal, behavior, adv)
-    # What padding may hold: the generator's 0-padding, −inf log-probs, NaN, huge advantages.
-    junk_loss, junk_stats, junk_grad = run(
-        logprobs.masked_fill(pad, 0.0),
-        proximal.masked_fill(pad, float("-inf")),
-        behavior.masked_fill(pad, float("nan")),
-        adv.masked_fill(pad, 1e6),
-    )
-    assert torch.equal(junk_loss, loss)
-    assert junk_stats == stats
-    assert torch.equal(junk_grad, grad)
+    # What padding may hold: the generator's 0-padding, −inf log-probs, NaN, huge numbers.
+    for junk in [(0.0, float("-inf"), float("nan"), 1e6), (float("nan"), 0.0, 0.0, float("nan"))]:
+        junk_loss, junk_stats, junk_grad = run(
+            logprobs.masked_fill(pad, junk[0]),
+            proximal.masked_fill(pad, junk[1]),
+            behavior.masked_fill(pad, junk[2]),
+            adv.masked_fill(pad, junk[3]),
+        )
+        assert torch.equal(junk_loss, loss)
+        assert junk_stats == stats
+        assert torch.equal(junk_grad, grad)
     assert torch.isfinite(grad).all() and grad[pad].eq(0).all()
 
 
