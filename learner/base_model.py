@@ -102,7 +102,7 @@ def build_base_model(cfg: Config, out_dir: Path | None = None, force: bool = Fal
     with Progress(TextColumn("[bold]pretrain"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn()) as progress:
         bar = progress.add_task("pretrain", total=mc.pretrain_steps, loss="-")
-        for step in range(mc.pretrain_steps):
+        for _ in range(mc.pretrain_steps):
             batch = [rng.choice(train) for _ in range(mc.pretrain_batch)]
             encoded = [_encode_pair(tokenizer, p.prompt, p.response(noisy_final(p, rng, mc.answer_correct_prob)))
                        for p in batch]
