@@ -1,0 +1,243 @@
+"""Grading for the reward server: extraction in the parent, math-verify in killable worker processes.
+
+sympy can hold the GIL for minutes on a short hostile answer (`\\boxed{9^{9^{9^9}}}`), and a thread cannot
+be stopped, so comparisons run in a `pebble.ProcessPool`: each item gets `grade_timeout_s` of wall clock,
+after which pebble kills its worker and forks a new one (../shared/notes/grading.md §2.3-2.5). The event
+loop only extracts answers (linear string scans) and awaits futures. `math_verify` is imported, and warmed
+once on a fixed input, here in the parent before the pool forks, so a replacement worker starts warm.
+
+Model text reaches math-verify only as the extracted boxed content, wrapped as `"$" + content + "$"`; nothing
+here calls `sympify`, `parse_expr` or `eval` on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import math
+import multiprocessing
+import resource
+import threading
+import time
+from concurrent.futures import TimeoutError as FutureTimeoutError
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from itertools import product
+from typing import Literal
+
+import math_verify  # noqa: F401  (imported before the pool forks: workers inherit a loaded math-verify)
+from math_verify import parse, verify
+from math_verify.errors import TimeoutException
+from pebble import ProcessExpired, ProcessPool
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from reward_server.extract import extract_answer
+from services.config import RewardConfig
+
+log = logging.getLogger("orz.reward.grading")
+
+Verdict = Literal["correct", "wrong", "no_answer", "truncated", "timeout", "error"]
+VERDICTS: tuple[Verdict, ...] = ("correct", "wrong", "no_answer", "truncated", "timeout", "error")
+GOLD_CACHE_SIZE = 4096  # parsed references kept per worker; a batch shares one reference across n_samples
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Worker side: these run inside the pool's processes.
+
+
+def init_worker(mem_mb: int) -> None:
+    """Caps the worker's address space: a short answer can reach 400-560 MB within seconds (notes §2.4)."""
+    limit = mem_mb << 20
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+def worker_vm_mb() -> float:
+    """The worker's current address-space size (VmSize), to show the headroom left under RLIMIT_AS."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@functools.lru_cache(maxsize=GOLD_CACHE_SIZE)
+def _parse_gold(reference: str, timeout_s: int) -> list:
+    return parse("$" + reference + "$", parsing_timeout=timeout_s, raise_on_error=True)
+
+
+def grade_math(reference: str, answer: str, timeout_s: int) -> Verdict:
+    """`verify(parse(gold), parse(answer))`, with math-verify's SIGALRM timeouts of `timeout_s` per call.
+
+    `verify` is called per (gold, prediction) pair, as math-verify itself iterates them, so that an
+    exception scores that pair False while its TimeoutException becomes the `timeout` verdict instead
+    of a silent False.
+    """
+    try:
+        gold = _parse_gold(reference, timeout_s)
+        try:
+            pred = parse("$" + answer + "$", parsing_timeout=timeout_s, raise_on_error=True)
+        except Exception:  # an unparsable answer is a wrong one
+            pred = []
+        for g, p in product(gold, pred):
+            try:
+                if verify(g, p, timeout_seconds=timeout_s, raise_on_error=True):
+                    return "correct"
+            except Exception:
+                continue
+        return "wrong"
+    except TimeoutException:
+        return "timeout"
+
+
+def _ping() -> float:
+    return worker_vm_mb()
+
+
+def _warm_up() -> None:
+    """Parses and compares a fixed pair once, so lazily built parser state exists before forking.
+
+    A worker forked after this grades its first item in ~10 ms instead of ~150 ms. It runs in a thread, off
+    the event loop, so math-verify's SIGALRM timeouts are off; the input is a constant, never model text.
+    """
+    mv_log = logging.getLogger("math_verify")
+    level = mv_log.level
+    mv_log.setLevel(logging.ERROR)  # math-verify warns once when its timeout is off
+    try:
+        verify(parse("$\\frac{1}{2}$", parsing_timeout=None), parse("$0.5$", parsing_timeout=None),
+               timeout_seconds=None)
+    finally:
+        mv_log.setLevel(level)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parent side.
+
+
+@dataclass(frozen=True)
+class GradeResult:
+    id: str
+    reward: float
+    extracted: str | None
+    verdict: Verdict
+
+
+class RewardMetrics:
+    """The reward server's Prometheus series, registered into the caller's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.grades = Counter("orz_reward_grades", "graded items by verdict", ["verdict"], registry=registry)
+        for verdict in VERDICTS:
+            self.grades.labels(verdict)
+        self.grade_latency = Histogram(
+            "orz_reward_grade_latency_seconds", "time to grade one item, queueing in the pool included",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=registry)
+        self.request_latency = Histogram(
+            "orz_reward_request_latency_seconds", "time to answer one /v1/grade request",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=registry)
+        self.request_items = Histogram(
+            "orz_reward_request_items", "items per /v1/grade request",
+            buckets=(1, 8, 32, 128, 512, 1024, 4096), registry=registry)
+        self.timeouts = Counter("orz_reward_timeouts", "items past their time limit", registry=registry)
+        self.worker_restarts = Counter(
+            "orz_reward_worker_restarts", "grading workers killed (timeout) or lost (crash) and replaced",
+            registry=registry)
+        self.pool_restarts = Counter(
+            "orz_reward_pool_restarts", "worker pools rebuilt after pebble declared them broken", registry=registry)
+        self.in_flight = Gauge("orz_reward_in_flight", "items submitted to the worker pool, not yet graded",
+                               registry=registry)
+
+
+class Grader:
+    """Owns the worker pool; `grade_one` turns one item into a `GradeResult` without blocking the loop."""
+
+    def __init__(self, cfg: RewardConfig, metrics: RewardMetrics, math_verify_timeout_s: int | None = None) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        # math-verify's own alarm is a backstop one second behind the outer kill, so `grade_timeout_s`
+        # is what bounds an item; the alarm only matters if pebble's kill were late.
+        self.math_verify_timeout_s = math_verify_timeout_s or math.ceil(cfg.grade_timeout_s) + 1
+        self._pool: ProcessPool | None = None
+        self.in_flight = 0
+
+    async def start(self) -> float:
+        """Warms math-verify, forks the pool and waits for one task per worker; returns a worker's VmSize (MB)."""
+        await asyncio.to_thread(_warm_up)
+        self._pool = self._new_pool()
+        sizes = await asyncio.gather(*(asyncio.wrap_future(self._pool.schedule(_ping, timeout=30.0))
+                                       for _ in range(self.cfg.grader_procs)))
+        return max(sizes)
+
+    def _new_pool(self) -> ProcessPool:
+        return ProcessPool(max_workers=self.cfg.grader_procs, initializer=init_worker,
+                           initargs=(self.cfg.worker_mem_mb,), context=multiprocessing.get_context("fork"))
+
+    def _live_pool(self) -> ProcessPool:
+        """The pool, rebuilt first if pebble gave up on it.
+
+        pebble marks its whole pool broken for good when a worker dies while no task is running (an idle
+        worker taken by the OOM killer, say); it replaces workers only when their task's death is seen.
+        """
+        if self._pool is None:
+            raise RuntimeError("grader not started")
+        if not self._pool.active:
+            log.warning("grading pool broken (a worker died while idle); starting a new one")
+            self.metrics.pool_restarts.inc()
+            broken, self._pool = self._pool, self._new_pool()
+            broken.stop()
+            threading.Thread(target=broken.join, kwargs={"timeout": 10.0}, name="reap-pool", daemon=True).start()
+        return self._pool
+
+    def close(self) -> None:
+        """Stops the pool at once: running grades are killed, nothing is waiting on them at shutdown."""
+        if self._pool is not None:
+            self._pool.stop()
+            self._pool.join(timeout=10.0)
+            self._pool = None
+
+    async def grade_one(self, item_id: str, response: str, reference: str, truncated: bool) -> GradeResult:
+        """Extracts the answer here, compares it in a worker; never raises for a bad item (verdict `error`)."""
+        t0 = time.perf_counter()
+        extracted = extract_answer(response)
+        if truncated:
+            verdict: Verdict = "truncated"  # ORZ rewards only rollouts that stopped by themselves
+        elif extracted is None:
+            verdict = "no_answer"
+        elif extracted == reference.strip():
+            verdict = "correct"  # identical strings: no need to spend a worker on them
+        else:
+            verdict = await self._grade_in_pool(item_id, reference, extracted)
+        self.metrics.grades.labels(verdict).inc()
+        self.metrics.grade_latency.observe(time.perf_counter() - t0)
+        return GradeResult(item_id, 1.0 if verdict == "correct" else 0.0, extracted, verdict)
+
+    async def _grade_in_pool(self, item_id: str, reference: str, extracted: str) -> Verdict:
+        self.in_flight += 1
+        self.metrics.in_flight.inc()
+        try:
+            future = self._live_pool().schedule(
+                grade_math, args=(reference, extracted, self.math_verify_timeout_s), timeout=self.cfg.grade_timeout_s)
+            verdict: Verdict = await asyncio.wrap_future(future)
+        except FutureTimeoutError:
+            self.metrics.worker_restarts.inc()
+            verdict = "timeout"
+        except ProcessExpired as exc:
+            self.metrics.worker_restarts.inc()
+            log.warning("grading worker died on item %s (exit code %s); replaced", item_id, exc.exitcode)
+            verdict = "error"
+        except BrokenProcessPool:
+            self.metrics.worker_restarts.inc()
+            log.warning("grading pool broke while item %s was queued; it is rebuilt on the next item", item_id)
+            verdict = "error"
+        except Exception:
+            log.exception("grading failed on item %s", item_id)
+            verdict = "error"
+        finally:
+            self.in_flight -= 1
+            self.metrics.in_flight.dec()
+        if verdict == "timeout":
+            self.metrics.timeouts.inc()
+        return verdict
