@@ -192,6 +192,9 @@ class EmbeddedRedis:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
+                # Its own session: a terminal's Ctrl-C goes to the owner, which stops Redis last, after the
+                # processes that use it.
+                start_new_session=True,
                 preexec_fn=_die_with_parent if self.die_with_parent else None,  # noqa: PLW1509
             )
         except OSError as exc:

@@ -100,7 +100,9 @@ def up(cfg: Config, evaluate: bool = True) -> int:
     def on_signal(signum, _frame) -> None:
         raise KeyboardInterrupt
 
+    # Installed explicitly: a process started from a non-interactive shell inherits SIGINT as ignored.
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     env = dict(os.environ)
     try:
         # A model built by `orz make-base-model` is (re)built when missing or made from another recipe; a
@@ -183,7 +185,9 @@ def up(cfg: Config, evaluate: bool = True) -> int:
         console.print(f"[red]{exc}[/]")
         return 1
     finally:
-        for child in reversed(children):
+        # The learner first: it finishes its step and closes the weight-sync group, so generators are not
+        # torn out of a broadcast; then the rest, newest first.
+        for child in sorted(reversed(children), key=lambda c: c.name != "learner"):
             child.stop()
         if redis_server is not None:
             redis_server.stop()
