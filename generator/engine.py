@@ -73,15 +73,42 @@ class VllmEngine:
         outputs = self.llm.generate(prompts, vparams, use_tqdm=False)
         result: list[list[Completion]] = []
         for out in outputs:
-            comps = []
-            for c in out.outputs:
-                ids = list(c.token_ids)
-                lps = [float(d[t].logprob) for d, t in zip(c.logprobs or [], ids)]
-                if len(lps) != len(ids):
-                    raise RuntimeError(f"engine returned {len(lps)} logprobs for {len(ids)} tokens")
-                comps.append(Completion(ids, lps, c.finish_reason or "length", c.text))
-            result.append(comps)
+            result.append([self._completion(c) for c in out.outputs])
         return result
+
+    # --- continuous batching: requests enter and leave the running engine one by one -------------------
+
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, n: int) -> None:
+        """Adds one prompt (`n` samples) to the running engine; its result comes back from `step()`."""
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        vparams = VSamplingParams(
+            n=n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens,
+            stop=list(params.stop), include_stop_str_in_output=True, logprobs=0, detokenize=True,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(prompt_ids)), vparams)
+
+    def step(self) -> list[tuple[str, list[Completion]]]:
+        """One engine step; returns the requests that finished in it."""
+        done = []
+        for out in self.llm.llm_engine.step():
+            if out.finished:
+                done.append((out.request_id, [self._completion(c) for c in out.outputs]))
+        return done
+
+    def has_unfinished(self) -> bool:
+        return self.llm.llm_engine.has_unfinished_requests()
+
+    @staticmethod
+    def _completion(c) -> Completion:
+        ids = list(c.token_ids)
+        lps = [float(d[t].logprob) for d, t in zip(c.logprobs or [], ids)]
+        if len(lps) != len(ids):
+            raise RuntimeError(f"engine returned {len(lps)} logprobs for {len(ids)} tokens")
+        return Completion(ids, lps, c.finish_reason or "length", c.text)
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
         """Swap in new weights without restarting the engine; returns the seconds it took."""
@@ -89,6 +116,8 @@ class VllmEngine:
         weights = list(named_tensors)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
                                                           "is_checkpoint_format": True})
+        # Requests in flight keep their KV (computed with the old weights) and continue under the new ones
+        # (PipelineRL's in-flight update); only cached prefixes of finished requests are dropped.
         self.llm.reset_prefix_cache()
         return time.time() - t0
 

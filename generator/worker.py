@@ -1,10 +1,11 @@
 """`orz generator`: the rollout worker.
 
-Loop: take up to `prompts_per_batch` PromptTasks from the prompt stream (reclaiming ones a dead peer left
-pending), sample `n_samples` completions each with vLLM keeping the sampled tokens' log-probs, grade them
-in one call to the reward server, publish one TrajectoryGroup per prompt, then XACK the prompts. New
-weights arrive on a background thread (services/weight_sync.py) and are loaded between engine calls, so
-every token of a group was sampled under the version the group is stamped with.
+Continuous batching: up to `max_inflight_requests` prompts are in the vLLM engine at once; as groups finish
+(all `n_samples` completions, with the sampled tokens' log-probs) they are graded together in one call to
+the reward server, published as TrajectoryGroups, and their prompts XACKed, and new prompts (including
+ones a dead peer left pending, via XAUTOCLAIM) take the free slots. New weights arrive on a background
+thread (services/weight_sync.py) and are loaded between engine steps; requests in flight continue under
+them (PipelineRL's in-flight update), and each group carries the version at its first and last token.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from generator.engine import VllmEngine
+from generator.engine import Completion, VllmEngine
 from generator.reward_client import GradeItem, RewardClient, RewardClientError
 from services.config import Config
 from services.metrics import MetricsServer
@@ -105,6 +107,14 @@ class WeightListener(threading.Thread):
                 log.exception("weight listener failed")
 
 
+@dataclass
+class _InFlight:
+    entry_id: str  # the prompt's stream entry, acked once its group is published
+    task: PromptTask
+    version_first: int  # weights version when the request entered the engine (its first token)
+    submitted: float
+
+
 class Generator:
     def __init__(self, cfg: Config, generator_id: str | None = None) -> None:
         self.cfg = cfg
@@ -120,6 +130,11 @@ class Generator:
             raise ValueError("reward.url is not set: point the generator at a reward server (ORZ__REWARD__URL)")
         self.reward = RewardClient(cfg.reward.url, cfg.reward.request_timeout_s, cfg.reward.token)
         self.engine: VllmEngine | None = None
+        self.inflight: dict[str, _InFlight] = {}  # request id → prompt in the engine
+        self.waiting: list[tuple[str, PromptTask, float]] = []  # taken, waiting for their feed version's weights
+        self._seq = 0
+        self._window_tokens = 0
+        self._window_start = time.time()
 
     def _heartbeat(self) -> None:
         state = {"ts": time.time(), "version": self.version, "pid": os.getpid(), "host": socket.gethostname()}
@@ -136,82 +151,89 @@ class Generator:
         self.metrics.version.set(version)
         log.info("loaded weights v%d in %.3f s", version, seconds)
 
-    def _catch_up(self, listener: WeightListener, feed_version: int) -> None:
-        """Never sample a prompt with weights older than the version it was fed at.
-
-        The learner feeds right after its broadcast returns, which can be a moment before this process's
-        listener has unpacked the new weights; waiting for them here (briefly) keeps staleness at the
-        admission-control bound instead of one version more.
-        """
-        deadline = time.time() + self.cfg.generator.weight_wait_s
-        while True:
-            self._load_pending(listener)
-            if self.version >= feed_version or not listener.is_alive() or time.time() > deadline:
-                return
-            time.sleep(0.005)
-
-    def _take_prompts(self) -> list[tuple[str, PromptTask]]:
-        n = self.cfg.generator.prompts_per_batch
+    def _take_prompts(self, n: int, block_ms: int | None) -> list[tuple[str, PromptTask]]:
         taken = self.prompts.reclaim(self.id, self.cfg.redis.claim_idle_ms, n)
         if taken:
             self.metrics.reclaimed.inc(len(taken))
             log.info("reclaimed %d prompts left pending by a dead peer", len(taken))
         if len(taken) < n:
-            taken += self.prompts.read(self.id, n - len(taken), self.cfg.redis.block_ms)
-        return taken
-
-    def _process(self, batch: list[tuple[str, PromptTask]]) -> None:
-        assert self.engine is not None
-        tasks = [t for _, t in batch]
-        missing = [t.task_id for t in tasks if t.prompt_ids is None]
+            taken += self.prompts.read(self.id, n - len(taken), block_ms)
+        missing = [t.task_id for _, t in taken if t.prompt_ids is None]
         if missing:
             raise ValueError(f"prompts without prompt_ids are not supported yet: {missing[:3]}")
-        oldest = min(int(eid.split("-")[0]) for eid, _ in batch) / 1000.0
-        self.metrics.queue_lag.set(max(0.0, time.time() - oldest))
-        version = self.version
-        self.metrics.inflight.set(len(tasks))
-        t0 = time.time()
-        completions = self.engine.generate([list(t.prompt_ids or ()) for t in tasks], [t.sampling for t in tasks],
-                                           [t.n_samples for t in tasks])
-        gen_s = time.time() - t0
-        self.metrics.inflight.set(0)
-        n_tokens = sum(len(c.token_ids) for comps in completions for c in comps)
-        self.metrics.tokens.inc(n_tokens)
-        self.metrics.tokens_per_s.set(n_tokens / max(gen_s, 1e-9))
+        if taken:
+            oldest = min(int(eid.split("-")[0]) for eid, _ in taken) / 1000.0
+            self.metrics.queue_lag.set(max(0.0, time.time() - oldest))
+        return taken
 
-        items = [GradeItem(f"{ti}/{si}", c.text, t.reference, t.task_type, c.finish_reason == "length")
-                 for ti, (t, comps) in enumerate(zip(tasks, completions)) for si, c in enumerate(comps)]
-        t1 = time.time()
+    def _submit_ready(self, listener: WeightListener) -> None:
+        """Starts waiting prompts whose weights are here.
+
+        A prompt is never sampled with weights older than the version it was fed at: the learner feeds right
+        after its broadcast returns, which can be a moment before the listener has unpacked the new weights.
+        Holding such a prompt (briefly, `weight_wait_s` at most) keeps staleness at the admission-control
+        bound; the engine keeps stepping meanwhile.
+        """
+        still_waiting = []
+        for entry_id, task, since in self.waiting:
+            overdue = time.time() - since > self.cfg.generator.weight_wait_s or not listener.is_alive()
+            if task.feed_version <= self.version or overdue:
+                self._seq += 1
+                rid = f"{entry_id}#{self._seq}"
+                assert self.engine is not None
+                self.engine.submit(rid, list(task.prompt_ids or ()), task.sampling, task.n_samples)
+                self.inflight[rid] = _InFlight(entry_id, task, self.version, time.time())
+            else:
+                still_waiting.append((entry_id, task, since))
+        self.waiting = still_waiting
+        self.metrics.inflight.set(len(self.inflight))
+
+    def _publish(self, finished: list[tuple[str, list[Completion]]]) -> None:
+        """Grades the groups that finished in one call, publishes them, then acks their prompts."""
+        jobs = [(self.inflight.pop(rid), comps) for rid, comps in finished]
+        n_tokens = sum(len(c.token_ids) for _, comps in jobs for c in comps)
+        self.metrics.tokens.inc(n_tokens)
+        self._window_tokens += n_tokens
+        items = [GradeItem(f"{ji}/{si}", c.text, job.task.reference, job.task.task_type, c.finish_reason == "length")
+                 for ji, (job, comps) in enumerate(jobs) for si, c in enumerate(comps)]
+        t0 = time.time()
         try:
             grades = self.reward.grade(items)
         except RewardClientError:
             self.metrics.reward_errors.inc()
             raise
-        grade_s = time.time() - t1
+        grade_s = time.time() - t0
         self.metrics.reward_latency.observe(grade_s)
         by_id = {g.id: g for g in grades}
-
         pipe = self.redis.pipeline(transaction=False)
-        for ti, (t, comps) in enumerate(zip(tasks, completions)):
+        for ji, (job, comps) in enumerate(jobs):
             samples = tuple(
                 Sample(np.asarray(c.token_ids, dtype=np.int32), np.asarray(c.logprobs, dtype=np.float32),
-                       by_id[f"{ti}/{si}"].reward, c.finish_reason, c.text, by_id[f"{ti}/{si}"].verdict)
+                       by_id[f"{ji}/{si}"].reward, c.finish_reason, c.text, by_id[f"{ji}/{si}"].verdict)
                 for si, c in enumerate(comps)
             )
             group = TrajectoryGroup(
-                task_id=t.task_id, prompt_ids=np.asarray(t.prompt_ids, dtype=np.int32), samples=samples,
-                policy_version=version, policy_version_last=version, generator_id=self.id,
-                timings={"generate_s": gen_s, "grade_s": grade_s, "published_at": time.time()},
+                task_id=job.task.task_id, prompt_ids=np.asarray(job.task.prompt_ids, dtype=np.int32),
+                samples=samples, policy_version=job.version_first, policy_version_last=self.version,
+                generator_id=self.id,
+                timings={"generate_s": time.time() - job.submitted, "grade_s": grade_s, "published_at": time.time()},
             )
             pipe.xadd(self.trajectories_stream, {"m": group.to_bytes()})
         pipe.execute()
         # Acked only after the trajectories are in Redis: a crash before this leaves the prompts pending,
         # and a live peer reclaims them (ARCHITECTURE.md, step 4).
-        self.prompts.ack([eid for eid, _ in batch])
-        self.metrics.groups.inc(len(tasks))
-        log.info("v%d: %d prompts, %d tokens in %.2f s (%.0f tok/s), graded in %.2f s, reward %.3f",
-                 version, len(tasks), n_tokens, gen_s, n_tokens / max(gen_s, 1e-9), grade_s,
-                 float(np.mean([g.reward for g in grades])))
+        self.prompts.ack([job.entry_id for job, _ in jobs])
+        self.metrics.groups.inc(len(jobs))
+        self.metrics.inflight.set(len(self.inflight))
+
+    def _log_window(self) -> None:
+        elapsed = time.time() - self._window_start
+        if elapsed >= 10.0:
+            rate = self._window_tokens / elapsed
+            self.metrics.tokens_per_s.set(rate)
+            log.info("v%d: %.0f tok/s over %.0f s, %d prompts in the engine, %d waiting for weights",
+                     self.version, rate, elapsed, len(self.inflight), len(self.waiting))
+            self._window_tokens, self._window_start = 0, time.time()
 
     def run(self) -> None:
         gcfg = self.cfg.generator
@@ -227,21 +249,36 @@ class Generator:
                                  kv_cache_mb=gcfg.kv_cache_mb, seed=gcfg.seed + os.getpid(),
                                  threads=gcfg.threads)
         last_beat = 0.0
+        learner_version = 0
         try:
             while not self.stop_event.is_set():
                 if listener.error is not None:
                     raise RuntimeError("weight-sync listener failed") from listener.error
                 if time.time() - last_beat > gcfg.heartbeat_s:
                     self._heartbeat()
-                    learner_version = self.redis.get(self.keys.policy_version)
-                    if learner_version is not None:
-                        self.metrics.version_lag.set(int(learner_version) - self.version)
+                    raw = self.redis.get(self.keys.policy_version)
+                    learner_version = int(raw) if raw is not None else self.version
+                    self.metrics.version_lag.set(learner_version - self.version)
                     last_beat = time.time()
-                self._load_pending(listener)
-                batch = self._take_prompts()
-                if batch:
-                    self._catch_up(listener, max(t.feed_version for _, t in batch))
-                    self._process(batch)
+                self._load_pending(listener)  # between engine steps; requests in flight continue
+                lag = learner_version - self.version
+                room = gcfg.max_inflight_requests - len(self.inflight) - len(self.waiting)
+                if lag > self.cfg.learner.max_staleness:
+                    # Backpressure: samples from these weights would be dropped as stale; wait for new ones.
+                    self.stop_event.wait(0.01)
+                elif room > 0:
+                    idle = not self.inflight and not self.waiting
+                    taken = self._take_prompts(min(room, gcfg.prompts_per_batch),
+                                               self.cfg.redis.block_ms if idle else None)
+                    self.waiting += [(eid, task, time.time()) for eid, task in taken]
+                self._submit_ready(listener)
+                if self.inflight:
+                    finished = self.engine.step()
+                    if finished:
+                        self._publish(finished)
+                elif self.waiting:
+                    self.stop_event.wait(0.005)
+                self._log_window()
         finally:
             self.stop_event.set()
             self.redis.hdel(self.keys.generators, self.id)

@@ -85,7 +85,8 @@ class RewardConfig(_Section):
 class GeneratorConfig(_Section):
     num: int = Field(2, description="generators started by `orz up`")
     backend: Literal["vllm"] = Field("vllm", description="inference engine")
-    prompts_per_batch: int = Field(8, description="prompts taken from the queue per engine call")
+    prompts_per_batch: int = Field(8, description="most prompts taken from the queue per read")
+    max_inflight_requests: int = Field(16, description="prompts in the engine at once (continuous batching)")
     dtype: str = Field("float32", description="engine dtype (float32 on CPU: no avx512_bf16 here)")
     kv_cache_mb: int = Field(64, description="vLLM KV-cache size")
     max_model_len: int = Field(256, description="prompt + response token limit of the engine")
