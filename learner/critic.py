@@ -32,8 +32,12 @@ class Critic(nn.Module):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return self.value_head(hidden).squeeze(-1)
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """HF backbone plus `value_head.safetensors`; `state_dict` (the critic's full, unsharded state, as
+        learner/parallel.py gathers it under FSDP) overrides the module's own tensors."""
         path = Path(path)
-        self.backbone.save_pretrained(path, safe_serialization=True)
-        save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()},
-                  str(path / "value_head.safetensors"))
+        state = state_dict if state_dict is not None else self.state_dict()
+        backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+        head = {k.removeprefix("value_head."): v.contiguous() for k, v in state.items() if k.startswith("value_head.")}
+        self.backbone.save_pretrained(path, state_dict=backbone, safe_serialization=True)
+        save_file(head, str(path / "value_head.safetensors"))

@@ -9,6 +9,7 @@ would let the feeder refill at the old version mid-step, and those prompts arriv
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import TextIO
@@ -20,44 +21,94 @@ from services.tasks import all_problems, split, train_stream
 
 
 class Feeder:
+    """Feeds prompts and keeps the ledger `tasks.jsonl` (one line per fed / refed / trained / dropped task).
+
+    Its resumable state (`state()` / `restore()`) is the dataset cursor (how many problems were taken from the
+    seeded stream), the counters, and the prompts in flight, which a resumed run feeds again first.
+    """
+
     def __init__(self, cfg: Config, queue: StreamQueue, tokenizer, ledger_path: Path) -> None:
         tc = cfg.task
         self.cfg = cfg
         self.queue = queue
         self.tokenizer = tokenizer
         train, _ = split(all_problems(tc.min_terms, tc.max_terms, tc.max_operand))
+        self._train = train
         self._stream = train_stream(train, tc.seed)
         s = cfg.sampling
         self.sampling = SamplingParams(s.temperature, s.top_p, s.max_tokens, tuple(s.stop))
-        self.fed = 0
+        self.fed = 0  # problems taken from the stream (the cursor)
         self.trained = 0  # groups of completed steps
         self.dropped = 0  # groups dropped as stale
+        self.pending: dict[str, PromptTask] = {}  # fed, not yet trained or dropped, in feed order
+        self._refeed: list[PromptTask] = []
+        self.ledger_path = ledger_path
         self._ledger: TextIO = ledger_path.open("a")
 
     @property
     def inflight(self) -> int:
-        return self.fed - self.trained - self.dropped
+        return len(self.pending)
+
+    def _next_task(self, version: int) -> tuple[PromptTask, bool]:
+        if self._refeed:
+            old = self._refeed.pop(0)
+            return PromptTask(task_id=old.task_id, prompt=old.prompt, reference=old.reference,
+                              task_type=old.task_type, n_samples=old.n_samples, sampling=old.sampling,
+                              feed_version=version, prompt_ids=old.prompt_ids), True
+        problem = next(self._stream)
+        task = PromptTask(
+            task_id=f"{self.fed:08d}:{problem.task_id}", prompt=problem.prompt, reference=str(problem.answer),
+            task_type=self.cfg.task.task_type, n_samples=self.cfg.learner.n_samples, sampling=self.sampling,
+            feed_version=version,
+            prompt_ids=tuple(self.tokenizer.encode(problem.prompt, add_special_tokens=False)),
+        )
+        self.fed += 1
+        return task, False
 
     def top_up(self, version: int) -> int:
         """Adds prompts until `max_inflight_prompts` are in flight; returns how many were added."""
         added = 0
         while self.inflight < self.cfg.max_inflight_prompts:
-            problem = next(self._stream)
-            task = PromptTask(
-                task_id=f"{self.fed:08d}:{problem.task_id}", prompt=problem.prompt, reference=str(problem.answer),
-                task_type=self.cfg.task.task_type, n_samples=self.cfg.learner.n_samples, sampling=self.sampling,
-                feed_version=version,
-                prompt_ids=tuple(self.tokenizer.encode(problem.prompt, add_special_tokens=False)),
-            )
+            task, refed = self._next_task(version)
             self.queue.add(task)
-            self._ledger.write(json.dumps({"event": "fed", "task_id": task.task_id, "version": version}) + "\n")
-            self.fed += 1
+            self.pending[task.task_id] = task
+            event = "refed" if refed else "fed"
+            self._ledger.write(json.dumps({"event": event, "task_id": task.task_id, "version": version}) + "\n")
             added += 1
         self._ledger.flush()
         return added
 
     def record(self, event: str, task_id: str, step: int) -> None:
+        """`trained` or `dropped_stale`: the task leaves the in-flight set."""
+        if self.pending.pop(task_id, None) is not None:
+            if event == "trained":
+                self.trained += 1
+            else:
+                self.dropped += 1
         self._ledger.write(json.dumps({"event": event, "task_id": task_id, "step": step}) + "\n")
+
+    def state(self) -> dict:
+        self._ledger.flush()
+        return {
+            "fed": self.fed, "trained": self.trained, "dropped": self.dropped,
+            "ledger_offset": self.ledger_path.stat().st_size,
+            "pending": [{"task_id": t.task_id, "prompt": t.prompt, "reference": t.reference,
+                         "task_type": t.task_type, "n_samples": t.n_samples, "prompt_ids": list(t.prompt_ids or ())}
+                        for t in self.pending.values()],
+        }
+
+    def restore(self, state: dict) -> None:
+        """Back to a checkpoint: same cursor, and the prompts in flight then are fed again first."""
+        self.fed = int(state["fed"])
+        self.trained, self.dropped = int(state["trained"]), int(state["dropped"])
+        self._stream = itertools.islice(train_stream(self._train, self.cfg.task.seed), self.fed, None)
+        self.pending = {}
+        self._refeed = [
+            PromptTask(task_id=p["task_id"], prompt=p["prompt"], reference=p["reference"], task_type=p["task_type"],
+                       n_samples=p["n_samples"], sampling=self.sampling, feed_version=0,
+                       prompt_ids=tuple(p["prompt_ids"]) or None)
+            for p in state["pending"]
+        ]
 
     def close(self) -> None:
         self._ledger.close()

@@ -11,6 +11,8 @@ per-token quantity is zeroed at masked positions *before* any exp or product, so
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -29,6 +31,7 @@ def ppo_policy_loss(
     mask: Tensor,
     clip_eps: float,
     is_cap: float,
+    is_level: str = "token",
 ) -> tuple[Tensor, dict[str, float]]:
     """Decoupled PPO (Hilton et al. 2021, "Batch size-invariance for policy optimization"; AReaL's
     decoupled PPO), as ARCHITECTURE.md writes it:
@@ -40,6 +43,11 @@ def ppo_policy_loss(
     The mean is over every valid token of the batch (token-level, as ORZ). With π_prox = μ (no staleness,
     matching numerics) w = 1 and this is ORZ's PPO loss.
 
+    `is_level="sequence"` uses one weight per sample instead, the truncated product of its token ratios
+    (verl's "Rollout Correction" sequence TIS; SkyRL's sequence correction):
+        w_i = min(Π_t π_prox(a_t|s_t) / μ(a_t|s_t), c)       applied to every token of sample i
+    It is unbiased for sequence-level objectives but has far higher variance; the token level is the default.
+
     Stats (python floats, all means over valid tokens):
       policy_loss        L.
       clipfrac           fraction of tokens where the clipped branch is the strict minimum, i.e.
@@ -50,7 +58,8 @@ def ppo_policy_loss(
       behavior_kl        mean of (ρ − 1) − log ρ with ρ = π_prox/μ: k3 over tokens sampled from μ, so it
                          estimates KL(μ ‖ π_prox), the off-policyness of the batch (0 when μ = π_prox).
       is_weight_mean     mean of w after truncation.
-      is_truncated_frac  fraction of tokens where π_prox/μ > c (strictly), i.e. where w = c < π_prox/μ.
+      is_truncated_frac  fraction of tokens where π_prox/μ > c (strictly), i.e. where w = c < π_prox/μ
+                         (sequence level: tokens of samples whose product ratio exceeds c).
     """
     valid = mask.bool()
     # π_prox and μ are fixed snapshots: the gradient flows through π_θ alone, never through w.
@@ -61,7 +70,16 @@ def ppo_policy_loss(
     ratio = torch.exp(log_ratio)
     behavior_log_ratio = _where_valid(proximal_logprobs - behavior_logprobs, valid)
     behavior_ratio = torch.exp(behavior_log_ratio)
-    is_weight = behavior_ratio.clamp(max=is_cap)
+    if is_level == "token":
+        is_weight = behavior_ratio.clamp(max=is_cap)
+        truncated = behavior_ratio > is_cap
+    elif is_level == "sequence":
+        seq_log_ratio = behavior_log_ratio.sum(dim=1, keepdim=True).expand_as(behavior_log_ratio)
+        # Clamp in log space: a long sequence's product can overflow exp before the truncation.
+        is_weight = _where_valid(torch.exp(seq_log_ratio.clamp(max=math.log(is_cap))), valid)
+        truncated = seq_log_ratio > math.log(is_cap)
+    else:
+        raise ValueError(f"is_level must be 'token' or 'sequence', got {is_level!r}")
 
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
@@ -76,9 +94,25 @@ def ppo_policy_loss(
             "approx_kl": masked_mean((ratio_d - 1.0) - log_ratio.detach(), mask).item(),
             "behavior_kl": masked_mean((behavior_ratio - 1.0) - behavior_log_ratio, mask).item(),
             "is_weight_mean": masked_mean(is_weight, mask).item(),
-            "is_truncated_frac": masked_mean((behavior_ratio > is_cap).float(), mask).item(),
+            "is_truncated_frac": masked_mean(truncated.float(), mask).item(),
         }
     return loss, stats
+
+
+def kl_penalty(logprobs: Tensor, reference_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """The k3 estimate of KL(π_θ ‖ π_ref) per token, averaged over valid tokens (GRPO's KL term,
+    DeepSeekMath eq. 4): exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1 ≥ 0. Off by default: ORZ trains
+    without any KL term (`learner.kl_coef = 0`), and then no reference model is even loaded.
+    """
+    valid = mask.bool()
+    delta = _where_valid(reference_logprobs.detach() - logprobs, valid)
+    return masked_mean(torch.exp(delta) - delta - 1.0, mask)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """H(π(·|s)) = logsumexp(z) − Σ softmax(z)·z per position, over the last (vocabulary) dim."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
 
 
 def value_loss(

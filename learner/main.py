@@ -1,9 +1,19 @@
-"""`orz learner`: feed prompts, collect trajectory groups, train PPO-GAE, broadcast weights, repeat.
+"""`orz learner`: feed prompts, collect trajectory groups, train PPO, broadcast weights, repeat.
 
 One step (ARCHITECTURE.md, "Data flow"): top the prompt stream up; read groups until `batch_prompts` fresh
 ones are in hand (duplicates of a trained task are dropped; groups more than `max_staleness` versions old
 are dropped and counted); run one PPO iteration; bump the policy version in Redis; broadcast the new
-weights to the generators; ack the groups; write a metrics line.
+weights to the generators; ack the groups; write a metrics line; every `checkpoint_every` steps write a
+resumable checkpoint (learner/checkpoint.py).
+
+Under `torchrun --nproc-per-node K` (learner/parallel.py) rank 0 does all of the above and the other ranks
+only train: each step they receive their share of the groups from rank 0 and join every collective.
+
+Resuming (`--resume`) starts from the newest complete checkpoint: actor, critic, optimisers, schedules and
+RNG states, the policy version, the dataset cursor and the set of tasks already trained or dropped. The
+streams are reset and the prompts that were in flight at the checkpoint are fed again first, so the run
+takes the same next prompts and trains no task twice. The generators must (re)join the weight-sync group
+(`orz up --resume` restarts them); the learner sends them the resumed weights before the first step.
 """
 
 from __future__ import annotations
@@ -22,6 +32,8 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from learner import checkpoint as ckpt
+from learner import parallel
 from learner.batch import build_batch
 from learner.critic import Critic
 from learner.feeder import Feeder
@@ -37,7 +49,6 @@ from services.weight_sync import WeightSender, resolve_backend
 log = logging.getLogger("orz.learner")
 
 TRAJECTORY_GROUP = "learner"
-MAX_TOKENS_PER_MICROBATCH = 16384
 
 
 class LearnerMetrics:
@@ -62,35 +73,118 @@ class LearnerMetrics:
 
 
 class Learner:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, resume: bool = False) -> None:
         self.cfg = cfg
         lc = cfg.learner
+        self.dp = parallel.init_from_env()
         torch.manual_seed(lc.seed)
         torch.set_num_threads(lc.threads)
         self.run_path = cfg.run_path
-        self.run_path.mkdir(parents=True, exist_ok=True)
-        self.keys = Keys(cfg.namespace)
-        self.redis = connect(cfg.redis.url, cfg.redis.socket_timeout_s)
-        self.metrics = LearnerMetrics()
+        self.ckpt_root = self.run_path / "checkpoints"
         self.stop_event = threading.Event()
+        self.version = 0
+        self.step = 0
+        self.resume_from: Path | None = None
+        self.resume_state: dict | None = None
+        if resume:
+            self.resume_from = ckpt.latest(self.ckpt_root)
+            if self.resume_from is None:
+                raise FileNotFoundError(f"--resume: no complete checkpoint under {self.ckpt_root}")
+            self.resume_state = ckpt.read_state(self.resume_from)
+            self.version, self.step = int(self.resume_state["version"]), int(self.resume_state["step"])
 
         base = cfg.model.path
         if not (base / "config.json").exists():
             raise FileNotFoundError(f"no base model at {base}: run `orz make-base-model --config ...` first")
+        start = self.resume_from or base
         self.tokenizer = AutoTokenizer.from_pretrained(str(base))
-        self.actor = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-        self.critic = Critic.from_pretrained(base)
-        self.trainer = PPOTrainer(lc, self.actor, self.critic, MAX_TOKENS_PER_MICROBATCH)
-        self.version = 0
+        self.actor = AutoModelForCausalLM.from_pretrained(str(start), dtype=torch.float32)
+        self.critic = None
+        if lc.advantage == "gae":  # GRPO and RLOO need no critic (learner/advantages.py)
+            self.critic = Critic.from_pretrained(start / "critic" if self.resume_from else base)
+        self.reference = None
+        if lc.kl_coef > 0:
+            self.reference = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
+            self.reference.requires_grad_(False)
+        if self.dp.enabled:
+            for model in (self.actor, self.critic, self.reference):
+                if model is not None:
+                    parallel.shard(model)
+        self.trainer = PPOTrainer(lc, self.actor, self.critic, self.reference, self.dp.group)
+        if self.resume_from is not None:
+            self._load_trainer_state()
 
-        self.prompts = StreamQueue(self.redis, self.keys.prompts, "generators", PromptTask, self.keys.dead)
-        self.trajectories = StreamQueue(self.redis, self.keys.trajectories, TRAJECTORY_GROUP, TrajectoryGroup,
-                                        self.keys.dead)
-        self.feeder = Feeder(cfg, self.prompts, self.tokenizer, self.run_path / "tasks.jsonl")
         self.consumed: set[str] = set()
+        if self.dp.is_main:
+            self.run_path.mkdir(parents=True, exist_ok=True)
+            self.keys = Keys(cfg.namespace)
+            self.redis = connect(cfg.redis.url, cfg.redis.socket_timeout_s)
+            self.metrics = LearnerMetrics()
+            self.prompts = StreamQueue(self.redis, self.keys.prompts, "generators", PromptTask, self.keys.dead)
+            self.trajectories = StreamQueue(self.redis, self.keys.trajectories, TRAJECTORY_GROUP, TrajectoryGroup,
+                                            self.keys.dead)
+            if self.resume_state is not None:
+                st = self.resume_state
+                ckpt.truncate(self.run_path / "tasks.jsonl", st["feeder"]["ledger_offset"])
+                ckpt.truncate(self.run_path / "metrics.jsonl", st["metrics_offset"])
+                self.consumed = set(st["consumed"])
+            else:  # a fresh run under an existing name starts its logs over
+                for name in ("metrics.jsonl", "tasks.jsonl", "DONE"):
+                    (self.run_path / name).unlink(missing_ok=True)
+            self.feeder = Feeder(cfg, self.prompts, self.tokenizer, self.run_path / "tasks.jsonl")
+            if self.resume_state is not None:
+                self.feeder.restore(self.resume_state["feeder"])
+                log.info("resuming from %s: step %d, version %d, %d prompts to feed again", self.resume_from,
+                         self.step, self.version, len(self.resume_state["feeder"]["pending"]))
 
+    # -- checkpoints ----------------------------------------------------------------------------------------
+    def _load_trainer_state(self) -> None:
+        state = ckpt.load_trainer(self.resume_from) if self.dp.is_main else None
+        tr = self.trainer
+        parallel.load_optimizer_state(self.actor, tr.actor_opt, state and state["actor_opt"], self.dp)
+        if tr.critic_opt is not None:
+            parallel.load_optimizer_state(self.critic, tr.critic_opt, state and state["critic_opt"], self.dp)
+        if self.dp.enabled:  # schedules and RNG states are tiny: every rank reads them from the file
+            state = ckpt.load_trainer(self.resume_from)
+        tr.actor_sched.load_state_dict(state["actor_sched"])
+        if tr.critic_sched is not None:
+            tr.critic_sched.load_state_dict(state["critic_sched"])
+        ckpt.set_rng_state(state["rng"])
+
+    def _checkpoint(self, actor_state: dict[str, torch.Tensor], metrics_offset: int) -> None:
+        """Every rank joins (optimiser states are gathered); rank 0 writes and commits the directory."""
+        tr = self.trainer
+        trainer_state = {"actor_opt": parallel.optimizer_state(self.actor, tr.actor_opt, self.dp),
+                         "actor_sched": tr.actor_sched.state_dict(), "rng": ckpt.rng_state()}
+        critic_state = None
+        if self.critic is not None:
+            trainer_state["critic_opt"] = parallel.optimizer_state(self.critic, tr.critic_opt, self.dp)
+            trainer_state["critic_sched"] = tr.critic_sched.state_dict()
+            critic_state = parallel.full_state_dict(self.critic, self.dp)
+        if not self.dp.is_main:
+            return
+        t0 = time.time()
+        tmp = ckpt.tmp_dir_for(self.ckpt_root, self.step)
+        self._save_models(tmp, actor_state, critic_state)
+        ckpt.save_trainer(tmp, trainer_state)
+        ckpt.write_state(tmp, {
+            "step": self.step, "version": self.version, "feeder": self.feeder.state(),
+            "consumed": sorted(self.consumed), "metrics_offset": metrics_offset,
+            "advantage": self.cfg.learner.advantage,
+        })
+        final = ckpt.commit(tmp, self.ckpt_root, self.step, self.cfg.learner.keep_checkpoints)
+        log.info("checkpoint %s written in %.2f s", final, time.time() - t0)
+
+    def _save_models(self, path: Path, actor_state: dict, critic_state: dict | None) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.actor.save_pretrained(path, state_dict=actor_state, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        if self.critic is not None:
+            self.critic.save_pretrained(path / "critic", state_dict=critic_state)
+
+    # -- rank 0: Redis, feeding, collecting -----------------------------------------------------------------
     def _reset_namespace(self) -> None:
-        """A fresh run starts from empty streams (resuming is a later feature)."""
+        """Every run (fresh or resumed) starts from empty streams; a resumed one re-feeds its in-flight prompts."""
         self.redis.delete(self.keys.prompts, self.keys.trajectories, self.keys.policy_version,
                           self.keys.weights_meta, self.keys.generators)
         self.prompts.ensure_group()
@@ -99,7 +193,7 @@ class Learner:
     def _announce(self) -> WeightSender:
         ws = self.cfg.weight_sync
         port = ws.port or free_port(ws.host)
-        names, shapes = zip(*[(n, tuple(p.shape)) for n, p in self.actor.state_dict().items()])
+        names, shapes = zip(*[(n, tuple(p.shape)) for n, p in self._actor_state().items()])
         ann = WeightsAnnouncement(
             rendezvous=f"tcp://{ws.host}:{port}", world_size=1 + self.cfg.generator.num,
             backend=resolve_backend(ws.backend), names=tuple(names), shapes=tuple(shapes), dtype="float32",
@@ -109,6 +203,9 @@ class Learner:
         self.redis.set(self.keys.weights_meta, ann.to_bytes())
         self.redis.publish(self.keys.weights, ann.to_bytes())
         return sender
+
+    def _actor_state(self) -> dict[str, torch.Tensor]:
+        return parallel.full_state_dict(self.actor, self.dp)
 
     def _collect(self, step: int, drop_log: list[str]) -> tuple[list[tuple[str, TrajectoryGroup]], list[str]]:
         """Reads until `batch_prompts` fresh groups are in hand; returns them and the entry ids to ack."""
@@ -127,14 +224,13 @@ class Learner:
                 continue
             last_arrival = time.time()
             for entry_id, group in entries:
-                if group.task_id in self.consumed:
+                if group.task_id in self.consumed or group.task_id not in self.feeder.pending:
                     # A reclaimed prompt can be generated twice (ARCHITECTURE.md, step 4); train it once.
                     self.metrics.duplicates.inc()
-                    self.redis.xack(self.keys.trajectories, TRAJECTORY_GROUP, entry_id)
+                    to_ack.append(entry_id)
                     continue
                 self.consumed.add(group.task_id)
                 if self.version - group.policy_version > lc.max_staleness:
-                    self.feeder.dropped += 1
                     self.metrics.dropped.inc()
                     drop_log.append(group.task_id)
                     self.feeder.record("dropped_stale", group.task_id, step)
@@ -143,92 +239,151 @@ class Learner:
                 batch.append((entry_id, group))
         return batch, to_ack
 
+    def _shard_for_me(self, groups: list[TrajectoryGroup]) -> list[TrajectoryGroup]:
+        if not self.dp.enabled:
+            return groups
+        share = parallel.split_groups(groups, self.dp.world)[self.dp.rank]
+        return [groups[i] for i in share]
+
+    # -- the loop -------------------------------------------------------------------------------------------
     def run(self) -> None:
+        if not self.dp.is_main:
+            self._follow()
+            return
         cfg, lc = self.cfg, self.cfg.learner
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop_event.set())
         server = MetricsServer(self.metrics.registry, lc.metrics_port,
-                               health=lambda: {"status": "ok", "version": self.version})
-        log.info("learner: metrics on :%d, run dir %s", server.port, self.run_path)
+                               health=lambda: {"status": "ok", "version": self.version, "step": self.step})
+        log.info("learner: metrics on :%d, run dir %s, %s advantages, %d rank(s)", server.port, self.run_path,
+                 lc.advantage, self.dp.world)
         self._reset_namespace()
         sender = self._announce()
         self.redis.set(self.keys.policy_version, self.version)
         self.feeder.top_up(self.version)
         log.info("waiting for %d generators to join the weight-sync group", cfg.generator.num)
-        joined = threading.Thread(target=sender.connect, name="weight-sync-connect", daemon=True)
+        initial = self._actor_state() if self.version > 0 else None
+
+        def connect() -> None:
+            sender.connect()
+            if initial is not None:  # resumed: generators start from the base model, send them ours
+                sender.send(self.version, initial)
+
+        joined = threading.Thread(target=connect, name="weight-sync-connect", daemon=True)
         joined.start()
 
-        metrics_file = (self.run_path / "metrics.jsonl").open("w")
-        history: list[dict] = []
-        dropped_total = 0
+        metrics_path = self.run_path / "metrics.jsonl"
+        history = [json.loads(x) for x in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+        metrics_file = metrics_path.open("a")
+        dropped_total = history[-1]["dropped_stale_total"] if history else 0
         try:
-            for step in range(1, lc.total_steps + 1):
+            while self.step < lc.total_steps:
+                step = self.step + 1
                 t_start = time.time()
                 drops: list[str] = []
                 batch, to_ack = self._collect(step, drops)
                 dropped_total += len(drops)
                 t_collected = time.time()
                 groups = [g for _, g in batch]
-                rollout = build_batch(groups, self.tokenizer.pad_token_id)
-                stats = self.trainer.step(rollout)
+                parallel.send_command(self.dp, parallel.CMD_BATCH, groups)
+                mine = self._shard_for_me(groups)
+                stats = self.trainer.step(build_batch(mine, self.tokenizer.pad_token_id))
                 self.version += 1
+                self.step = step
+                actor_state = self._actor_state()
                 self.redis.set(self.keys.policy_version, self.version)
                 t_trained = time.time()
                 joined.join(timeout=cfg.weight_sync.timeout_s)
                 if joined.is_alive():
                     raise TimeoutError("generators did not join the weight-sync group in time")
-                broadcast_s = sender.send(self.version, dict(self.actor.state_dict()))
+                broadcast_s = sender.send(self.version, actor_state)
                 self.trajectories.ack([eid for eid, _ in batch] + to_ack)
                 for _, g in batch:
                     self.feeder.record("trained", g.task_id, step)
-                self.feeder.trained += len(batch)
 
-                rewards = np.array([s.reward for g in groups for s in g.samples])
-                lengths = np.array([len(s.response_ids) for g in groups for s in g.samples])
-                staleness = np.array([self.version - 1 - g.policy_version for g in groups])
-                record = {
-                    "step": step, "policy_version": self.version,
-                    "reward_mean": float(rewards.mean()), "response_len_mean": float(lengths.mean()),
-                    "truncated_frac": float(rollout.truncated.float().mean()),
-                    "staleness_mean": float(staleness.mean()), "staleness_max": int(staleness.max()),
-                    "dropped_stale": len(drops), "dropped_stale_total": dropped_total,
-                    "clipfrac": stats.get("clipfrac", 0.0), "approx_kl": stats.get("approx_kl", 0.0),
-                    "behavior_kl": stats.get("behavior_kl", 0.0),
-                    "is_truncated_frac": stats.get("is_truncated_frac", 0.0),
-                    "value_loss": stats.get("value_loss", 0.0),
-                    "explained_variance": stats.get("explained_variance", 0.0),
-                    "wait_s": t_collected - t_start, "train_s": t_trained - t_collected,
-                    "broadcast_s": broadcast_s, "step_time_s": time.time() - t_start,
-                    "inflight_prompts": self.feeder.inflight,
-                    "group_versions": [g.policy_version for g in groups],
-                    "generator_ids": sorted({g.generator_id for g in groups}),
-                    "task_ids": [g.task_id for g in groups],
-                    "stats": stats,
-                }
+                record = self._record(step, groups, stats, drops, dropped_total, t_start, t_collected, t_trained,
+                                      broadcast_s)
                 metrics_file.write(json.dumps(_json_safe(record)) + "\n")
                 metrics_file.flush()
+                metrics_offset = metrics_file.tell()
                 history.append(record)
                 self._export(record)
-                log.info(
-                    "step %d/%d v%d reward %.3f len %.1f staleness %.2f dropped %d clipfrac %.3f kl(mu|prox) %.4f "
-                    "vloss %.4f step %.2fs (wait %.2f train %.2f bcast %.3f)",
-                    step, lc.total_steps, self.version, record["reward_mean"], record["response_len_mean"],
-                    record["staleness_mean"], len(drops), record["clipfrac"], record["behavior_kl"],
-                    record["value_loss"], record["step_time_s"], record["wait_s"], record["train_s"], broadcast_s,
-                )
+                self._log(record, lc.total_steps)
+                if lc.checkpoint_every and (step % lc.checkpoint_every == 0 or step == lc.total_steps):
+                    parallel.send_command(self.dp, parallel.CMD_CHECKPOINT)
+                    self._checkpoint(actor_state, metrics_offset)
                 if step % 10 == 0:
                     plot_curves(history, self.run_path / "curves.png")
-            self._save(self.run_path / "checkpoints" / "final")
+            parallel.send_command(self.dp, parallel.CMD_FINAL)
+            self._save_models(self.run_path / "checkpoints" / "final", *self._final_states())
             (self.run_path / "DONE").write_text(json.dumps({"steps": lc.total_steps, "version": self.version}))
         except KeyboardInterrupt:
             log.info("learner interrupted at version %d", self.version)
         finally:
+            parallel.send_command(self.dp, parallel.CMD_STOP)
             if history:
                 plot_curves(history, self.run_path / "curves.png")
             metrics_file.close()
             self.feeder.close()
             sender.stop()
             server.close()
+
+    def _final_states(self) -> tuple[dict, dict | None]:
+        """Full actor and critic states; every rank calls this after CMD_STOP (a collective when sharded)."""
+        critic = parallel.full_state_dict(self.critic, self.dp) if self.critic is not None else None
+        return self._actor_state(), critic
+
+    def _follow(self) -> None:
+        """Ranks > 0: train on the shares rank 0 sends, join its gathers, until told to stop."""
+        while True:
+            cmd, groups = parallel.receive_command(self.dp)
+            if cmd == parallel.CMD_STOP:
+                return
+            if cmd == parallel.CMD_FINAL:
+                self._final_states()
+                continue
+            if cmd == parallel.CMD_CHECKPOINT:
+                self._checkpoint({}, 0)
+                continue
+            self.trainer.step(build_batch(self._shard_for_me(groups), self.tokenizer.pad_token_id))
+            self.version += 1
+            self.step += 1
+            self._actor_state()
+
+    def _record(self, step, groups, stats, drops, dropped_total, t_start, t_collected, t_trained,
+                broadcast_s) -> dict:
+        rewards = np.array([s.reward for g in groups for s in g.samples])
+        lengths = np.array([len(s.response_ids) for g in groups for s in g.samples])
+        truncated = np.array([s.finish_reason == "length" for g in groups for s in g.samples])
+        staleness = np.array([self.version - 1 - g.policy_version for g in groups])
+        return {
+            "step": step, "policy_version": self.version, "advantage": self.cfg.learner.advantage,
+            "reward_mean": float(rewards.mean()), "response_len_mean": float(lengths.mean()),
+            "truncated_frac": float(truncated.mean()),
+            "staleness_mean": float(staleness.mean()), "staleness_max": int(staleness.max()),
+            "dropped_stale": len(drops), "dropped_stale_total": dropped_total,
+            "clipfrac": stats.get("clipfrac", 0.0), "approx_kl": stats.get("approx_kl", 0.0),
+            "behavior_kl": stats.get("behavior_kl", 0.0),
+            "is_truncated_frac": stats.get("is_truncated_frac", 0.0),
+            "value_loss": stats.get("value_loss", float("nan")),
+            "explained_variance": stats.get("explained_variance", float("nan")),
+            "wait_s": t_collected - t_start, "train_s": t_trained - t_collected,
+            "broadcast_s": broadcast_s, "step_time_s": time.time() - t_start,
+            "inflight_prompts": self.feeder.inflight,
+            "group_versions": [g.policy_version for g in groups],
+            "generator_ids": sorted({g.generator_id for g in groups}),
+            "task_ids": [g.task_id for g in groups],
+            "stats": stats,
+        }
+
+    def _log(self, r: dict, total: int) -> None:
+        log.info(
+            "step %d/%d v%d reward %.3f len %.1f staleness %.2f dropped %d clipfrac %.3f kl(mu|prox) %.4f "
+            "vloss %.4f step %.2fs (wait %.2f train %.2f bcast %.3f)",
+            r["step"], total, r["policy_version"], r["reward_mean"], r["response_len_mean"], r["staleness_mean"],
+            r["dropped_stale"], r["clipfrac"], r["behavior_kl"], r["value_loss"], r["step_time_s"], r["wait_s"],
+            r["train_s"], r["broadcast_s"],
+        )
 
     def _export(self, r: dict) -> None:
         m = self.metrics
@@ -247,13 +402,6 @@ class Learner:
             m.step_time.labels(phase=phase.removesuffix("_s")).set(r[phase])
         m.last_step_ts.set(time.time())
 
-    def _save(self, path: Path) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        self.actor.save_pretrained(path, safe_serialization=True)
-        self.tokenizer.save_pretrained(path)
-        self.critic.save_pretrained(path / "critic")
-        log.info("checkpoint (HF format) written to %s", path)
-
 
 def _json_safe(value):
     """NaN/inf (e.g. explained variance of a batch whose returns are all equal) become null: strict JSON."""
@@ -266,5 +414,5 @@ def _json_safe(value):
     return value
 
 
-def run(cfg: Config) -> None:
-    Learner(cfg).run()
+def run(cfg: Config, resume: bool = False) -> None:
+    Learner(cfg, resume).run()

@@ -1,15 +1,24 @@
-"""One PPO-GAE iteration on a batch of trajectory groups (ORZ's schedule, decoupled-PPO loss).
+"""One PPO iteration on a batch of trajectory groups (ORZ's schedule, decoupled-PPO loss), on one rank or
+data-parallel across ranks.
 
 Order of work (ARCHITECTURE.md, "Data flow", step 5):
-1. Old values V_old from the critic, and proximal log-probs π_prox from the actor at the step's starting
-   weights (no grad).
-2. GAE advantages and returns (γ = λ = 1 by default), then batch-level advantage whitening (ORZ).
-3. `policy_steps_per_iter` actor optimiser steps (ORZ: 1), each accumulating gradients over micro-batches,
-   with the token-level loss of learner/loss.py normalised by the batch's total response tokens.
-4. `critic_steps_per_iter` critic optimiser steps (ORZ: 12) with the clipped value loss.
+1. Old values V_old from the critic, proximal log-probs π_prox from the actor at the step's starting weights,
+   and reference log-probs when a KL term is on (all without grad).
+2. Advantages: GAE (γ = λ = 1 by default, ORZ) with returns for the critic, or GRPO / RLOO from the group's
+   outcome rewards (no critic); then batch-level advantage whitening (ORZ, `normalize_advantages`).
+3. `policy_steps_per_iter` actor optimiser steps (ORZ: 1), each accumulating gradients over micro-batches of
+   at most `max_tokens_per_microbatch` padded tokens, with the token-level loss of learner/loss.py
+   normalised by the batch's total response tokens.
+4. `critic_steps_per_iter` critic optimiser steps (ORZ: 12) with the clipped value loss (GAE only).
 
-With one policy step the actor's first forward *is* the proximal forward (π_θ = π_prox there), so its
-detached log-probs serve as π_prox and one full forward pass is saved.
+With one policy step the actor's first forward *is* the proximal forward (π_θ = π_prox at that moment, same
+weights and inputs, no dropout), so its detached log-probs serve as π_prox and a full forward pass is saved.
+
+Data parallel (learner/parallel.py): every rank holds whole groups of the batch (GRPO/RLOO statistics stay
+local) and its models are FSDP2-sharded; token counts and whitening statistics are summed across ranks, so
+the loss is the token mean over the *global* batch. FSDP averages gradients over ranks, hence the loss is
+scaled by the world size. Every rank runs the same number of micro-batches (the longest rank's count; spare
+ones re-run a local micro-batch with weight 0) because each forward and backward is a collective.
 """
 
 from __future__ import annotations
@@ -18,22 +27,27 @@ import time
 from collections import defaultdict
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from learner.advantages import grpo_advantages, rloo_advantages
 from learner.batch import RolloutBatch, microbatches
 from learner.critic import Critic
-from learner.gae import compute_gae, masked_mean, masked_whiten
-from learner.loss import explained_variance, ppo_policy_loss, value_loss
+from learner.gae import compute_gae, masked_mean
+from learner.loss import entropy_from_logits, explained_variance, kl_penalty, ppo_policy_loss, value_loss
 from services.config import LearnerConfig
 
 
-def token_logprobs(model: nn.Module, mb: RolloutBatch) -> torch.Tensor:
-    """log π(a_t|s_t) on the response grid [B, T]."""
+def token_logprobs(model: nn.Module, mb: RolloutBatch, with_entropy: bool = False):
+    """log π(a_t|s_t) on the response grid [B, T] (and the policy's entropy there, when asked)."""
     logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1].float()
     logp = torch.log_softmax(logits, dim=-1)
     targets = mb.input_ids[:, 1:]
     per_pos = torch.gather(logp, 2, targets.unsqueeze(-1)).squeeze(-1)  # [B, L-1]
-    return torch.gather(per_pos, 1, mb.response_index)
+    out = torch.gather(per_pos, 1, mb.response_index)
+    if not with_entropy:
+        return out
+    return out, torch.gather(entropy_from_logits(logits), 1, mb.response_index)
 
 
 def token_values(critic: Critic, mb: RolloutBatch) -> torch.Tensor:
@@ -45,86 +59,200 @@ def _warmup_constant(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
 
 
+def _scalar(x) -> float:
+    """A float from a tensor, a DTensor (FSDP2's grad norm) or a number."""
+    if hasattr(x, "full_tensor"):
+        x = x.full_tensor()
+    return float(x)
+
+
 class PPOTrainer:
-    def __init__(self, cfg: LearnerConfig, actor: nn.Module, critic: Critic, max_tokens_per_microbatch: int) -> None:
+    """Owns the optimisers and schedules of actor and critic; `step()` runs one iteration on a batch shard.
+
+    `critic` is None for the critic-free estimators (grpo, rloo); `reference` is the frozen base policy,
+    needed only when `kl_coef > 0`. `group` is the data-parallel process group (None: a single process).
+    """
+
+    def __init__(self, cfg: LearnerConfig, actor: nn.Module, critic: Critic | None,
+                 reference: nn.Module | None = None, group: dist.ProcessGroup | None = None) -> None:
+        if cfg.advantage == "gae" and critic is None:
+            raise ValueError("advantage 'gae' needs a critic")
+        if cfg.kl_coef > 0 and reference is None:
+            raise ValueError("kl_coef > 0 needs a reference model")
         self.cfg = cfg
         self.actor = actor
         self.critic = critic
-        self.max_tokens = max_tokens_per_microbatch
+        self.reference = reference
+        self.group = group
+        self.world = dist.get_world_size(group) if group is not None else 1
         self.actor_opt = torch.optim.AdamW(actor.parameters(), lr=cfg.actor_lr, betas=cfg.betas,
                                            weight_decay=cfg.weight_decay)
-        self.critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, betas=cfg.betas,
-                                            weight_decay=cfg.weight_decay)
         # ORZ: linear warm-up, then constant.
         self.actor_sched = torch.optim.lr_scheduler.LambdaLR(self.actor_opt, _warmup_constant(cfg.warmup_steps))
-        self.critic_sched = torch.optim.lr_scheduler.LambdaLR(self.critic_opt, _warmup_constant(cfg.warmup_steps))
+        self.critic_opt = self.critic_sched = None
+        if critic is not None:
+            self.critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, betas=cfg.betas,
+                                                weight_decay=cfg.weight_decay)
+            self.critic_sched = torch.optim.lr_scheduler.LambdaLR(self.critic_opt,
+                                                                  _warmup_constant(cfg.warmup_steps))
+
+    # -- cross-rank reductions (identity on one process) --------------------------------------------------
+    def _sum(self, values: list[float]) -> list[float]:
+        if self.group is None:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t.tolist()
+
+    def _max(self, value: int) -> int:
+        if self.group is None:
+            return value
+        t = torch.tensor([value], dtype=torch.long)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return int(t)
+
+    def _whiten(self, x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+        """learner/gae.py's `masked_whiten` over the global batch: one mean and population variance over every
+        valid token on every rank (ORZ's `normalize_advantages`)."""
+        valid = mask.bool()
+        xs = torch.where(valid, x, torch.zeros_like(x)).double()
+        total, count = self._sum([float(xs.sum()), float(valid.sum())])
+        mean = total / max(count, 1.0)
+        (sq,) = self._sum([float(torch.where(valid, (xs - mean) ** 2, torch.zeros_like(xs)).sum())])
+        var = sq / max(count, 1.0)
+        out = (x - mean) / max(var, eps) ** 0.5
+        return torch.where(valid, out, torch.zeros_like(out))
+
+    def _schedule(self, batch: RolloutBatch) -> list[tuple[torch.Tensor, float]]:
+        """(rows, weight) per micro-batch; every rank gets the same count, spare ones have weight 0."""
+        mbs = microbatches(batch, self.cfg.max_tokens_per_microbatch)
+        n = self._max(len(mbs))
+        return [(rows, 1.0) for rows in mbs] + [(mbs[-1], 0.0)] * (n - len(mbs))
 
     def step(self, batch: RolloutBatch) -> dict[str, float]:
         cfg = self.cfg
         timings: dict[str, float] = {}
         t0 = time.time()
-        mbs = microbatches(batch, self.max_tokens)
-        n_tokens = float(batch.response_mask.sum())
-        old_values = torch.zeros_like(batch.response_mask)
-        proximal = torch.zeros_like(batch.response_mask)
+        schedule = self._schedule(batch)
+        local_tokens = float(batch.response_mask.sum())
+        (n_tokens,) = self._sum([local_tokens])
+        scale = self.world / n_tokens  # loss · world (FSDP averages gradients) / global token count
+        mask = batch.response_mask
+        dtype = next(self.actor.parameters()).dtype  # the models' precision (fp32 here; fp64 in tests)
+        old_values = torch.zeros(mask.shape, dtype=dtype)
+        proximal = torch.zeros(mask.shape, dtype=dtype)
+        reference = torch.zeros(mask.shape, dtype=dtype)
+        need_prox = cfg.policy_steps_per_iter > 1
         self.actor.eval()
-        self.critic.eval()
+        if self.critic is not None:
+            self.critic.eval()
+        first_pass = self.critic is not None or need_prox or self.reference is not None
         with torch.no_grad():
-            for rows in mbs:
+            for rows, _ in schedule if first_pass else []:
                 mb = batch.select(rows)
-                old_values[rows, : mb.response_mask.shape[1]] = token_values(self.critic, mb) * mb.response_mask
-                if cfg.policy_steps_per_iter > 1:
-                    proximal[rows, : mb.response_mask.shape[1]] = token_logprobs(self.actor, mb) * mb.response_mask
+                width = mb.response_mask.shape[1]
+                if self.critic is not None:
+                    old_values[rows, :width] = token_values(self.critic, mb) * mb.response_mask
+                if need_prox:
+                    proximal[rows, :width] = token_logprobs(self.actor, mb) * mb.response_mask
+                if self.reference is not None:
+                    reference[rows, :width] = token_logprobs(self.reference, mb) * mb.response_mask
         timings["forward_s"] = time.time() - t0
 
-        advantages, returns = compute_gae(batch.rewards, old_values, batch.response_mask, cfg.gamma, cfg.lam)
+        returns = None
+        rewards = batch.rewards.to(dtype)
+        if cfg.advantage == "gae":
+            advantages, returns = compute_gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        elif cfg.advantage == "grpo":
+            advantages = grpo_advantages(rewards, mask, batch.group_of, cfg.grpo_scale_by_std)
+        else:
+            advantages = rloo_advantages(rewards, mask, batch.group_of)
+        raw_adv_mean = masked_mean(advantages, mask)
         if cfg.normalize_advantages:
-            advantages = masked_whiten(advantages, batch.response_mask)
+            advantages = self._whiten(advantages, mask)
 
         t1 = time.time()
         stats: dict[str, float] = defaultdict(float)
+        with_entropy = cfg.entropy_coef > 0
         self.actor.train()
         for _ in range(cfg.policy_steps_per_iter):
             self.actor_opt.zero_grad(set_to_none=True)
-            for rows in mbs:
+            for rows, use in schedule:
                 mb = batch.select(rows)
                 width = mb.response_mask.shape[1]
-                logprobs = token_logprobs(self.actor, mb)
-                prox = logprobs.detach() if cfg.policy_steps_per_iter == 1 else proximal[rows, :width]
+                out = token_logprobs(self.actor, mb, with_entropy)
+                logprobs, entropy = out if with_entropy else (out, None)
+                prox = proximal[rows, :width] if need_prox else logprobs.detach()
                 loss, st = ppo_policy_loss(logprobs, prox, mb.behavior_logprobs, advantages[rows, :width],
-                                           mb.response_mask, cfg.clip_eps, cfg.is_cap)
-                weight = float(mb.response_mask.sum()) / n_tokens  # token-level mean over the whole batch
+                                           mb.response_mask, cfg.clip_eps, cfg.is_cap, cfg.is_level)
+                if self.reference is not None:
+                    kl = kl_penalty(logprobs, reference[rows, :width], mb.response_mask)
+                    loss = loss + cfg.kl_coef * kl
+                    st["kl_ref"] = kl.item()
+                if entropy is not None:
+                    ent = masked_mean(entropy, mb.response_mask)
+                    loss = loss - cfg.entropy_coef * ent
+                    st["entropy"] = ent.item()
+                weight = use * float(mb.response_mask.sum()) * scale
                 (loss * weight).backward()
                 for k, v in st.items():
-                    stats[k] += v * weight / cfg.policy_steps_per_iter
+                    stats[k] += v * weight / self.world / cfg.policy_steps_per_iter
             grad_norm = torch.nn.utils.clip_grad_norm_(self.actor.parameters(), cfg.grad_clip)
-            stats["actor_grad_norm"] += float(grad_norm) / cfg.policy_steps_per_iter
+            stats["actor_grad_norm"] += _scalar(grad_norm) / cfg.policy_steps_per_iter / self.world
             self.actor_opt.step()
         self.actor_sched.step()
 
-        self.critic.train()
-        for _ in range(cfg.critic_steps_per_iter):
-            self.critic_opt.zero_grad(set_to_none=True)
-            for rows in mbs:
-                mb = batch.select(rows)
-                width = mb.response_mask.shape[1]
-                values = token_values(self.critic, mb)
-                loss, st = value_loss(values, old_values[rows, :width], returns[rows, :width], mb.response_mask,
-                                      cfg.value_clip)
-                weight = float(mb.response_mask.sum()) / n_tokens
-                (loss * weight).backward()
-                for k, v in st.items():
-                    stats[k] += v * weight / cfg.critic_steps_per_iter
-            torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.grad_clip)
-            self.critic_opt.step()
-        self.critic_sched.step()
+        if self.critic is not None:
+            self.critic.train()
+            for _ in range(cfg.critic_steps_per_iter):
+                self.critic_opt.zero_grad(set_to_none=True)
+                for rows, use in schedule:
+                    mb = batch.select(rows)
+                    width = mb.response_mask.shape[1]
+                    values = token_values(self.critic, mb)
+                    loss, st = value_loss(values, old_values[rows, :width], returns[rows, :width],
+                                          mb.response_mask, cfg.value_clip)
+                    weight = use * float(mb.response_mask.sum()) * scale
+                    (loss * weight).backward()
+                    for k, v in st.items():
+                        stats[k] += v * weight / self.world / cfg.critic_steps_per_iter
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.grad_clip)
+                stats["critic_grad_norm"] += _scalar(grad_norm) / cfg.critic_steps_per_iter / self.world
+                self.critic_opt.step()
+            self.critic_sched.step()
         timings["backward_s"] = time.time() - t1
 
-        stats["explained_variance"] = float(explained_variance(old_values, returns, batch.response_mask))
-        stats["advantage_mean"] = float(masked_mean(advantages, batch.response_mask))
-        stats["value_mean"] = float(masked_mean(old_values, batch.response_mask))
+        # Token-weighted per-rank sums → global means (each rank added weight-scaled values above).
+        keys = sorted(stats)
+        stats = dict(zip(keys, self._sum([stats[k] for k in keys]), strict=True))
+        local = [float(raw_adv_mean) * local_tokens]
+        if self.critic is not None:
+            local += [float(masked_mean(old_values, mask)) * local_tokens]
+        summed = self._sum(local)
+        stats["advantage_mean"] = summed[0] / n_tokens
+        if self.critic is not None:
+            stats["value_mean"] = summed[1] / n_tokens
+            # Explained variance of this rank's shard (the mean over ranks when data parallel).
+            (ev,) = self._sum([float(explained_variance(old_values, returns, mask))])
+            stats["explained_variance"] = ev / self.world
+            stats["critic_lr"] = self.critic_sched.get_last_lr()[0]
         stats["actor_lr"] = self.actor_sched.get_last_lr()[0]
-        stats["critic_lr"] = self.critic_sched.get_last_lr()[0]
-        stats["microbatches"] = float(len(mbs))
+        stats["microbatches"] = float(len(schedule))
+        stats["tokens"] = n_tokens
         stats.update(timings)
-        return dict(stats)
+        return stats
+
+    # -- checkpoint state (optimisers, schedules) ---------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {"actor_opt": self.actor_opt.state_dict(), "actor_sched": self.actor_sched.state_dict()}
+        if self.critic_opt is not None:
+            state["critic_opt"] = self.critic_opt.state_dict()
+            state["critic_sched"] = self.critic_sched.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.actor_opt.load_state_dict(state["actor_opt"])
+        self.actor_sched.load_state_dict(state["actor_sched"])
+        if self.critic_opt is not None:
+            self.critic_opt.load_state_dict(state["critic_opt"])
+            self.critic_sched.load_state_dict(state["critic_sched"])

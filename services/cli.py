@@ -56,18 +56,20 @@ def _entry(module: str, func: str = "run"):
 
 @app.command()
 def up(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt,
-       skip_eval: bool = typer.Option(False, help="do not evaluate base and trained models at the end")) -> None:
+       skip_eval: bool = typer.Option(False, help="do not evaluate base and trained models at the end"),
+       resume: bool = typer.Option(False, help="continue the run from its newest complete checkpoint")) -> None:
     """Run the whole stack locally: Redis, reward server, generators, learner; then evaluate."""
     cfg = _setup(config, set_, "up")
     from services.stack import up as stack_up
 
-    raise typer.Exit(stack_up(cfg, evaluate=not skip_eval))
+    raise typer.Exit(stack_up(cfg, evaluate=not skip_eval, resume=resume))
 
 
 @app.command()
-def learner(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt) -> None:
-    """Run the learner (feeder + PPO-GAE + weight broadcast)."""
-    _entry("learner.main")(_setup(config, set_, "learner"))
+def learner(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt,
+            resume: bool = typer.Option(False, help="continue from the newest complete checkpoint")) -> None:
+    """Run the learner (feeder + PPO + weight broadcast); under torchrun, one data-parallel rank of it."""
+    _entry("learner.main")(_setup(config, set_, "learner"), resume)
 
 
 @app.command()

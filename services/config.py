@@ -106,13 +106,24 @@ class LearnerConfig(_Section):
     max_inflight_prompts: int | None = Field(
         None, description="default batch_prompts × (max_staleness + 1) (AReaL's admission rule)"
     )
-    advantage: Literal["gae"] = Field("gae", description="advantage estimator")
+    advantage: Literal["gae", "grpo", "rloo"] = Field(
+        "gae", description="advantage estimator: gae (ORZ, with a critic), grpo (group mean/std), rloo (leave-one-out)")
+    grpo_scale_by_std: bool = Field(True, description="grpo: divide by the group's std (false: Dr. GRPO)")
     gamma: float = Field(1.0, description="GAE discount (ORZ: 1)")
     lam: float = Field(1.0, description="GAE λ (ORZ: 1)")
     normalize_advantages: bool = Field(True, description="batch-level advantage whitening (ORZ)")
     clip_eps: float = Field(0.2, description="PPO ratio clip ε")
     value_clip: float = Field(0.2, description="value clip ε_v")
     is_cap: float = Field(2.0, description="truncation c of the importance weight π_prox/μ")
+    is_level: Literal["token", "sequence"] = Field(
+        "token", description="importance weight per token, or one per sample (product of its token ratios)")
+    kl_coef: float = Field(
+        0.0, description="weight of a k3 KL(π_θ‖π_base) loss term (ORZ: 0; > 0 loads a reference model)")
+    entropy_coef: float = Field(0.0, description="weight of an entropy bonus (ORZ: 0)")
+    max_tokens_per_microbatch: int = Field(
+        16384, description="padded tokens per micro-batch (rows sorted by length); gradients accumulate to the batch")
+    checkpoint_every: int = Field(0, description="write a resumable checkpoint every this many steps (0: final only)")
+    keep_checkpoints: int = Field(2, description="step checkpoints kept on disk (oldest removed first)")
     actor_lr: float = Field(1e-6, description="policy learning rate (ORZ 7B: 1e-6)")
     critic_lr: float = Field(5e-6, description="critic learning rate (ORZ 7B: 5e-6)")
     warmup_steps: int = Field(50, description="linear warm-up, then constant (ORZ: 50)")
@@ -122,7 +133,9 @@ class LearnerConfig(_Section):
     policy_steps_per_iter: int = Field(1, description="actor optimiser steps per batch (ORZ: 1)")
     critic_steps_per_iter: int = Field(12, description="critic optimiser steps per batch (ORZ: 12)")
     seed: int = Field(0, description="learner seed")
-    threads: int = Field(1, description="torch CPU threads")
+    num_processes: int = Field(
+        1, description="data-parallel learner ranks `orz up` starts with torchrun (FSDP2; gloo on CPU, nccl on GPU)")
+    threads: int = Field(1, description="torch CPU threads (per rank)")
     metrics_port: int = Field(0, description="0 picks a free port")
     wait_timeout_s: float = Field(600.0, description="give up if no trajectory arrives for this long")
 

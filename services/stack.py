@@ -30,12 +30,13 @@ console = Console()
 
 
 class Child:
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path,
+                 launcher: list[str] | None = None) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log: IO[bytes] = self.log_path.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen([*(launcher or [sys.executable]), "-m", "services.cli", *args], env=env,
+                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -89,7 +90,7 @@ def _follow(metrics_path: Path, offset: int) -> tuple[list[dict], int]:
     return [json.loads(line) for line in complete.splitlines() if line.strip()], offset + len(complete)
 
 
-def up(cfg: Config, evaluate: bool = True) -> int:
+def up(cfg: Config, evaluate: bool = True, resume: bool = False) -> int:
     t_start = time.time()
     run_path = cfg.run_path
     log_dir = run_path / "logs"
@@ -120,7 +121,8 @@ def up(cfg: Config, evaluate: bool = True) -> int:
             cfg.reward.port = free_port(cfg.reward.host)
             cfg.reward.url = f"http://{cfg.reward.host}:{cfg.reward.port}"
         env.update(config_to_env(cfg))
-        console.print(f"run [bold]{cfg.run_name}[/]: redis {cfg.redis.url}, reward server {cfg.reward.url}, "
+        resumed = " (resumed)" if resume else ""
+        console.print(f"run [bold]{cfg.run_name}[/]{resumed}: redis {cfg.redis.url}, reward server {cfg.reward.url}, "
                       f"{cfg.generator.num} generators, {cfg.learner.total_steps} steps; logs in {log_dir}")
 
         if own_reward_server:
@@ -129,7 +131,11 @@ def up(cfg: Config, evaluate: bool = True) -> int:
 
         redis = connect(cfg.redis.url, cfg.redis.socket_timeout_s)
         keys = Keys(cfg.namespace)
-        learner = Child("learner", ["learner"], env, log_dir)
+        launcher = None
+        if cfg.learner.num_processes > 1:  # data parallel: torchrun starts the ranks (learner/parallel.py)
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        f"--nproc-per-node={cfg.learner.num_processes}"]
+        learner = Child("learner", ["learner", *(["--resume"] if resume else [])], env, log_dir, launcher)
         children.append(learner)
         _wait("the learner to reset the run's streams", lambda: redis.exists(keys.weights_meta) == 1, 300, children)
         for i in range(cfg.generator.num):

@@ -33,10 +33,13 @@ def test_admission_control_and_ledger(redis_url: str, tmp_path: Path) -> None:
     entries = queue.read("g", 100, 100)
     assert len(entries) == 8
     assert feeder.top_up(version=0) == 0  # reading (generating) does not free capacity either
-    feeder.trained += 4  # a step finished with 4 groups
+    for _, t in entries[:4]:  # a step finished with 4 groups
+        feeder.record("trained", t.task_id, step=1)
     assert feeder.top_up(version=1) == 4
-    feeder.dropped += 1  # a stale group frees its slot at once
+    feeder.record("dropped_stale", entries[4][1].task_id, step=2)  # a stale group frees its slot at once
     assert feeder.top_up(version=1) == 1
+    feeder.record("trained", entries[0][1].task_id, step=2)  # already trained: frees nothing, counts nothing
+    assert feeder.top_up(version=1) == 0 and (feeder.trained, feeder.dropped) == (4, 1)
 
     tasks = [t for _, t in entries] + [t for _, t in queue.read("g", 100, 100)]
     assert len({t.task_id for t in tasks}) == 13  # unique ids even when a problem repeats across epochs
@@ -47,3 +50,44 @@ def test_admission_control_and_ledger(redis_url: str, tmp_path: Path) -> None:
     feeder.close()
     ledger = [json.loads(line) for line in (tmp_path / "tasks.jsonl").read_text().splitlines()]
     assert [e["task_id"] for e in ledger if e["event"] == "fed"] == [t.task_id for t in tasks]
+
+
+def test_restore_feeds_inflight_prompts_again_then_continues_the_stream(redis_url: str, tmp_path: Path) -> None:
+    """A checkpoint's feeder state, restored into a new feeder: the in-flight prompts come first (same ids, the
+    new version), then exactly the prompts an uninterrupted feeder would have fed next."""
+    cfg = Config.model_validate({"run_name": "refeed", "learner": {"batch_prompts": 3, "max_staleness": 1}})
+    client = connect(redis_url)
+    keys = Keys(cfg.namespace)
+    queue = StreamQueue(client, keys.prompts, "generators", PromptTask, keys.dead)
+    queue.ensure_group()
+    tok = _tokenizer()
+
+    reference = Feeder(cfg, queue, tok, tmp_path / "ref.jsonl")  # uninterrupted
+    reference.top_up(0)
+    fed_ids = list(reference.pending)
+    for tid in fed_ids[:3]:
+        reference.record("trained", tid, 1)
+    reference.top_up(1)
+    uninterrupted = list(reference.pending)  # 3 left over + 3 new
+
+    first = Feeder(cfg, queue, tok, tmp_path / "a.jsonl")
+    first.top_up(0)
+    for tid in list(first.pending)[:3]:
+        first.record("trained", tid, 1)
+    state = json.loads(json.dumps(first.state()))  # through JSON, as checkpoint.py stores it
+    assert [p["task_id"] for p in state["pending"]] == fed_ids[3:]
+    assert state["ledger_offset"] == (tmp_path / "a.jsonl").stat().st_size
+    first.top_up(1)  # the killed run went on feeding after the checkpoint; the resumed one must not skip those
+
+    resumed = Feeder(cfg, queue, tok, tmp_path / "b.jsonl")
+    resumed.restore(state)
+    queue.read("g", 100, 100)
+    assert resumed.top_up(version=7) == 6
+    tasks = [t for _, t in queue.read("g", 100, 100)]
+    assert [t.task_id for t in tasks] == uninterrupted
+    assert [t.feed_version for t in tasks] == [7] * 6
+    assert [t.prompt_ids for t in tasks[:3]] == [reference.pending[i].prompt_ids for i in uninterrupted[:3]]
+    events = [json.loads(x)["event"] for x in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert events == ["refed"] * 3 + ["fed"] * 3
+    for f in (reference, first, resumed):
+        f.close()

@@ -1,0 +1,144 @@
+"""Data parallelism for the learner: `torchrun --nproc-per-node K orz learner`.
+
+Every rank holds the actor and critic sharded with FSDP2 (`torch.distributed.fsdp.fully_shard`, one unit per
+decoder layer plus the root, as prime-rl and AReaL shard), NCCL on GPU and gloo on CPU (the same code).
+Rank 0 alone talks to Redis, feeds prompts and broadcasts weights to generators; it sends each step's
+trajectory groups to the other ranks as msgpack bytes (services/protocol.py) over a gloo control group —
+never pickle — and every rank trains on its share of whole groups.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import msgpack
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from services.protocol import TrajectoryGroup
+
+log = logging.getLogger("orz.learner")
+
+CMD_BATCH, CMD_CHECKPOINT, CMD_FINAL, CMD_STOP = 0, 1, 2, 3
+
+
+@dataclass
+class DataParallel:
+    rank: int = 0
+    world: int = 1
+    group: dist.ProcessGroup | None = None  # training collectives (FSDP), None on one process
+    control: dist.ProcessGroup | None = None  # gloo: batches and commands from rank 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def init_from_env() -> DataParallel:
+    """A process group from torchrun's environment (WORLD_SIZE > 1), else the single-process context."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DataParallel()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    control = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+    dp = DataParallel(dist.get_rank(), dist.get_world_size(), dist.group.WORLD, control)
+    log.info("data parallel: rank %d of %d (%s)", dp.rank, dp.world, backend)
+    return dp
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a HF causal LM (`model.model.layers`) or bare backbone (`layers`)."""
+    for path in ("model.layers", "backbone.layers", "layers"):
+        node = model
+        try:
+            for attr in path.split("."):
+                node = getattr(node, attr)
+        except AttributeError:
+            continue
+        return list(node)
+    raise ValueError(f"cannot find decoder layers in {type(model).__name__}")
+
+
+def shard(model: nn.Module) -> nn.Module:
+    """FSDP2 in place: each decoder layer is a unit, the root takes the rest (embeddings, norm, head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in decoder_layers(model):
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def full_state_dict(model: nn.Module, dp: DataParallel) -> dict[str, torch.Tensor]:
+    """The unsharded state dict on CPU, on every rank (a collective when sharded)."""
+    if not dp.enabled:
+        return {k: v.detach() for k, v in model.state_dict().items()}
+    out = {}
+    for k, v in model.state_dict().items():
+        out[k] = (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
+    return out
+
+
+def split_groups(groups: list[TrajectoryGroup], world: int) -> list[list[int]]:
+    """Whole groups per rank, balanced by tokens (greedy, longest first); deterministic for a given list."""
+    cost = [sum(len(g.prompt_ids) + len(s.response_ids) for s in g.samples) for g in groups]
+    order = sorted(range(len(groups)), key=lambda i: (-cost[i], i))
+    shares: list[list[int]] = [[] for _ in range(world)]
+    load = [0] * world
+    for i in order:
+        r = min(range(world), key=lambda k: (load[k], len(shares[k]), k))
+        shares[r].append(i)
+        load[r] += cost[i]
+    return [sorted(s) for s in shares]
+
+
+def _broadcast_bytes(payload: bytes | None, dp: DataParallel) -> bytes:
+    size = torch.tensor([len(payload) if payload is not None else 0], dtype=torch.long)
+    dist.broadcast(size, src=0, group=dp.control)
+    buf = torch.empty(int(size), dtype=torch.uint8)
+    if dp.is_main:
+        buf.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+    dist.broadcast(buf, src=0, group=dp.control)
+    return buf.numpy().tobytes()
+
+
+def send_command(dp: DataParallel, cmd: int, groups: list[TrajectoryGroup] | None = None) -> None:
+    """Rank 0: tell the other ranks what comes next (a batch of groups, a checkpoint, the final gather, or stop)."""
+    if not dp.enabled:
+        return
+    body = [g.to_bytes() for g in groups] if groups is not None else []
+    _broadcast_bytes(msgpack.packb({"cmd": cmd, "groups": body}, use_bin_type=True), dp)
+
+
+def receive_command(dp: DataParallel) -> tuple[int, list[TrajectoryGroup]]:
+    """Ranks > 0: the next command from rank 0."""
+    msg = msgpack.unpackb(_broadcast_bytes(None, dp), raw=False)
+    return int(msg["cmd"]), [TrajectoryGroup.from_bytes(b) for b in msg["groups"]]
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, dp: DataParallel) -> dict:
+    """The optimiser's full (unsharded) state keyed by parameter name, so a run resumes on any world size.
+    A collective when sharded; rank 0 holds the tensors on CPU."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=dp.enabled)
+    return get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict | None,
+                         dp: DataParallel) -> None:
+    """Inverse of `optimizer_state`; when sharded, rank 0 passes the state and the others None."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dp.enabled)
+    set_optimizer_state_dict(model, optimizer, state if state is not None else {}, options=options)

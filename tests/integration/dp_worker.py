@@ -1,0 +1,91 @@
+"""Two PPO iterations on a fixed batch, on one process or as one rank of `torchrun` (test_data_parallel.py).
+
+Builds the same seeded float64 Qwen2 actor and critic and the same seeded trajectory groups on every rank, so
+the single-process and data-parallel runs start from identical state. The groups carry behaviour log-probs
+that differ from the learner's (as after `max_staleness > 0`), rewards in {0, 1}, and lengths that need
+several micro-batches. Rank 0 writes the updated weights (safetensors) and per-iteration stats (JSON) to
+the directory given as argv[1]; argv[2] is the advantage estimator.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Model
+
+from learner import parallel
+from learner.batch import build_batch
+from learner.critic import Critic
+from learner.trainer import PPOTrainer
+from services.config import LearnerConfig
+from services.protocol import Sample, TrajectoryGroup
+
+VOCAB = 64
+
+
+def make_models() -> tuple[Qwen2ForCausalLM, Critic]:
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    actor = Qwen2ForCausalLM(cfg).to(torch.float64)
+    torch.manual_seed(1)
+    backbone = Qwen2Model(cfg).to(torch.float64)
+    critic = Critic(backbone, cfg.hidden_size).to(torch.float64)
+    return actor, critic
+
+
+def make_groups(n_groups: int = 6, n_samples: int = 4) -> list[TrajectoryGroup]:
+    rng = np.random.default_rng(7)
+    groups = []
+    for g in range(n_groups):
+        prompt = rng.integers(1, VOCAB, size=int(rng.integers(2, 7))).astype(np.int32)
+        samples = []
+        for _ in range(n_samples):
+            n = int(rng.integers(1, 12))
+            ids = rng.integers(1, VOCAB, size=n).astype(np.int32)
+            # μ's log-probs near a uniform policy's log(1/64) ≈ −4.16, perturbed: π_prox/μ ≠ 1, some above the cap.
+            lps = (np.log(1 / VOCAB) + rng.normal(0, 0.8, size=n)).clip(max=-1e-3).astype(np.float32)
+            samples.append(Sample(ids, lps, float(rng.integers(0, 2)), "stop", ""))
+        groups.append(TrajectoryGroup(f"t{g}", prompt, tuple(samples), 0, "g"))
+    return groups
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    advantage = sys.argv[2]
+    torch.set_num_threads(1)
+    dp = parallel.init_from_env()
+    actor, critic = make_models()
+    if advantage != "gae":
+        critic = None
+    if dp.enabled:
+        parallel.shard(actor)
+        if critic is not None:
+            parallel.shard(critic)
+    cfg = LearnerConfig(advantage=advantage, actor_lr=1e-3, critic_lr=1e-3, warmup_steps=1, critic_steps_per_iter=3,
+                        is_cap=1.5, max_tokens_per_microbatch=40)
+    trainer = PPOTrainer(cfg, actor, critic, None, dp.group)
+    groups = make_groups()
+    share = parallel.split_groups(groups, dp.world)[dp.rank]
+    batch = build_batch([groups[i] for i in share], pad_id=0)
+    history = [trainer.step(batch) for _ in range(2)]
+    actor_state = parallel.full_state_dict(actor, dp)
+    critic_state = parallel.full_state_dict(critic, dp) if critic is not None else {}
+    if dp.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in actor_state.items()}, str(out / "actor.safetensors"))
+        if critic_state:
+            save_file({k: v.contiguous() for k, v in critic_state.items()}, str(out / "critic.safetensors"))
+        (out / "stats.json").write_text(json.dumps({"world": dp.world, "shares": len(share), "history": history}))
+    if dp.enabled:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
