@@ -93,11 +93,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     lc = LearnerConfig(actor_lr=1e-5, critic_lr=1e-5, warmup_steps=1, critic_steps_per_iter=args.critic_steps,
-                       policy_steps_per_iter=args.policy_steps)
+                       policy_steps_per_iter=args.policy_steps,
+                       max_tokens_per_microbatch=args.max_tokens_per_microbatch)
     batch = build_batch(make_groups(args), pad_id=0)
     tokens = int(batch.attention_mask.sum())
     actor, critic, _ = make_models(args)
-    trainer = PPOTrainer(lc, actor, critic, args.max_tokens_per_microbatch)
+    trainer = PPOTrainer(lc, actor, critic)
     actor_opt = torch.optim.AdamW(actor.parameters(), lr=1e-5, betas=lc.betas)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=1e-5, betas=lc.betas)
 

@@ -300,6 +300,7 @@ class Learner:
                 self.trajectories.ack([eid for eid, _ in batch] + to_ack)
                 for _, g in batch:
                     self.feeder.record("trained", g.task_id, step)
+                self.feeder.top_up(self.version)  # the next prompts go out before logging and checkpointing
 
                 record = self._record(step, groups, stats, drops, dropped_total, t_start, t_collected, t_trained,
                                       broadcast_s)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -75,3 +76,39 @@ def test_continuous_batching_and_in_flight_weight_swap(model_dir: Path) -> None:
     c = after["after"][0]
     ref = _hf_logprobs(hf, prompts[1], c.token_ids)
     assert torch.max(torch.abs(ref - torch.tensor(c.logprobs))).item() < 1e-4
+
+
+@pytest.mark.slow
+def test_learner_logprobs_match_generator(model_dir: Path) -> None:
+    """μ (vLLM's sampled-token log-probs) against the learner's own computation on the same weights: padded,
+    length-sorted micro-batches through `build_batch` and `token_logprobs`, as a training step does it."""
+    from learner.batch import build_batch, microbatches
+    from learner.trainer import token_logprobs
+    from services.protocol import Sample, TrajectoryGroup
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    problems = all_problems(2, 3, 9)[::97][:12]
+    prompts = [tok.encode(p.prompt, add_special_tokens=False) for p in problems]
+    engine = VllmEngine(model_dir, kv_cache_mb=32, seed=3)
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=40)
+    out = engine.generate(prompts, [params] * len(prompts), [4] * len(prompts))
+    groups = [
+        TrajectoryGroup(f"t{i}", np.array(p, dtype=np.int32),
+                        tuple(Sample(np.array(c.token_ids, dtype=np.int32), np.array(c.logprobs, dtype=np.float32),
+                                     0.0, c.finish_reason, "") for c in comps), 0, "g")
+        for i, (p, comps) in enumerate(zip(prompts, out, strict=True))
+    ]
+    batch = build_batch(groups, tok.pad_token_id)
+    actor = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    learner_lp = torch.zeros_like(batch.behavior_logprobs)
+    mbs = microbatches(batch, 600)
+    assert len(mbs) > 1  # several padded micro-batches of different widths
+    with torch.no_grad():
+        for rows in mbs:
+            mb = batch.select(rows)
+            learner_lp[rows, : mb.response_mask.shape[1]] = token_logprobs(actor, mb)
+    mask = batch.response_mask.bool()
+    delta = (learner_lp - batch.behavior_logprobs).abs()[mask]
+    print(f"generator vs learner log-probs: max |Δ| = {delta.max().item():.2e} over {int(mask.sum())} tokens")
+    assert int(mask.sum()) > 200
+    assert delta.max().item() < 1e-4
