@@ -193,7 +193,8 @@ class Learner:
     def _announce(self) -> WeightSender:
         ws = self.cfg.weight_sync
         port = ws.port or free_port(ws.host)
-        names, shapes = zip(*[(n, tuple(p.shape)) for n, p in self._actor_state().items()])
+        # Global shapes without a gather: a DTensor's `shape` is the unsharded one.
+        names, shapes = zip(*[(n, tuple(p.shape)) for n, p in self.actor.state_dict().items()])
         ann = WeightsAnnouncement(
             rendezvous=f"tcp://{ws.host}:{port}", world_size=1 + self.cfg.generator.num,
             backend=resolve_backend(ws.backend), names=tuple(names), shapes=tuple(shapes), dtype="float32",
@@ -247,6 +248,9 @@ class Learner:
 
     # -- the loop -------------------------------------------------------------------------------------------
     def run(self) -> None:
+        # Resumed: generators start from the base model, so rank 0 sends them the resumed weights first
+        # (gathered here, on every rank, as a collective when sharded).
+        initial = self._actor_state() if self.version > 0 else None
         if not self.dp.is_main:
             self._follow()
             return
@@ -262,11 +266,10 @@ class Learner:
         self.redis.set(self.keys.policy_version, self.version)
         self.feeder.top_up(self.version)
         log.info("waiting for %d generators to join the weight-sync group", cfg.generator.num)
-        initial = self._actor_state() if self.version > 0 else None
 
         def connect() -> None:
             sender.connect()
-            if initial is not None:  # resumed: generators start from the base model, send them ours
+            if initial is not None:
                 sender.send(self.version, initial)
 
         joined = threading.Thread(target=connect, name="weight-sync-connect", daemon=True)
