@@ -111,7 +111,9 @@ def kl_penalty(logprobs: Tensor, reference_logprobs: Tensor, mask: Tensor) -> Te
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
     """H(π(·|s)) = logsumexp(z) − Σ softmax(z)·z per position, over the last (vocabulary) dim."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    logp = torch.log_softmax(logits, dim=-1)
     return -(logp.exp() * logp).sum(dim=-1)
 
 

@@ -40,7 +40,9 @@ from services.config import LearnerConfig
 
 def token_logprobs(model: nn.Module, mb: RolloutBatch, with_entropy: bool = False):
     """log π(a_t|s_t) on the response grid [B, T] (and the policy's entropy there, when asked)."""
-    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1].float()
+    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
+    if logits.dtype in (torch.float16, torch.bfloat16):  # log-softmax in fp32 at least (fp64 models stay fp64)
+        logits = logits.float()
     logp = torch.log_softmax(logits, dim=-1)
     targets = mb.input_ids[:, 1:]
     per_pos = torch.gather(logp, 2, targets.unsqueeze(-1)).squeeze(-1)  # [B, L-1]
