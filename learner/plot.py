@@ -24,3 +24,26 @@ def plot_curves(history: list[dict], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
+
+
+def plot_comparison(runs: dict[str, list[dict]], out: Path, window: int = 5) -> None:
+    """Several runs' reward and response length on shared axes (e.g. PPO-GAE against GRPO), each with a
+    `window`-step moving average over its raw per-step values."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    panels = (("reward_mean", "mean train reward"), ("response_len_mean", "response length (tokens)"))
+    for ax, (key, title) in zip(axes, panels):
+        for label, history in runs.items():
+            steps = [r["step"] for r in history]
+            values = [r[key] for r in history]
+            smooth = [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
+                      for i in range(len(values))]
+            (line,) = ax.plot(steps, smooth, linewidth=1.6, label=label)
+            ax.plot(steps, values, linewidth=0.6, alpha=0.35, color=line.get_color())
+        ax.set_title(title)
+        ax.set_xlabel("learner step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

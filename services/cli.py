@@ -97,6 +97,24 @@ def make_base_model(config: Path | None = ConfigOpt, set_: list[str] | None = Se
     typer.echo(str(path))
 
 
+@app.command()
+def plot(runs: list[Path] = typer.Argument(..., help="run directories (each with metrics.jsonl)"),
+         out: Path = typer.Option(Path("compare.png"), "--out", "-o", help="PNG to write")) -> None:
+    """Plot several runs' training curves on shared axes (e.g. PPO-GAE against GRPO)."""
+    import json
+
+    from learner.plot import plot_comparison
+
+    histories = {}
+    for run in runs:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        history = [json.loads(x) for x in lines if x.strip()]
+        label = history[0].get("advantage", run.name) if history else run.name
+        histories[f"{run.name} ({label})"] = history
+    plot_comparison(histories, out)
+    typer.echo(f"wrote {out}")
+
+
 @app.command("eval")
 def eval_(model: list[Path] = typer.Option(..., "--model", "-m", help="HF model directory (repeatable)"),
           config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt,

@@ -23,10 +23,13 @@ WINDOW = 8
 
 
 @pytest.mark.slow
-def test_tiny_run_learns(tmp_path: Path) -> None:
+@pytest.mark.parametrize("advantage", ["gae", "grpo"])
+def test_tiny_run_learns(tmp_path: Path, advantage: str) -> None:
+    """PPO-GAE (ORZ) and GRPO (no critic) on the same stack: both must raise the reward."""
     run_dir = tmp_path / "runs"
     cmd = [sys.executable, "-m", "services.cli", "up", "--config", str(ROOT / "configs" / "tiny.yaml"),
-           "--set", f"run_dir={run_dir}", "--set", "run_name=e2e", "--set", f"learner.total_steps={STEPS}"]
+           "--set", f"run_dir={run_dir}", "--set", "run_name=e2e", "--set", f"learner.total_steps={STEPS}",
+           "--set", f"learner.advantage={advantage}"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORZ__")}
     t0 = time.time()
     proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400)
@@ -44,6 +47,8 @@ def test_tiny_run_learns(tmp_path: Path) -> None:
     # Versions advance one per step.
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     assert [r["policy_version"] for r in records] == list(range(1, STEPS + 1))
+    assert {r["advantage"] for r in records} == {advantage}
+    assert ("value_loss" in records[0]["stats"]) == (advantage == "gae")  # GRPO trains no critic
 
     # Generators loaded new weights: late groups were sampled under late versions, within max_staleness.
     late = [v for r in records[-5:] for v in r["group_versions"]]
@@ -73,3 +78,4 @@ def test_tiny_run_learns(tmp_path: Path) -> None:
     assert summary["trained_accuracy"] > summary["base_accuracy"] + 0.1
     assert (run / "curves.png").stat().st_size > 10_000
     assert (run / "checkpoints" / "final" / "model.safetensors").exists()
+    assert (run / "checkpoints" / "final" / "critic").exists() == (advantage == "gae")
