@@ -19,8 +19,8 @@ from torch import Tensor
 def _group_sums(values: Tensor, group_of: Tensor) -> tuple[Tensor, Tensor]:
     """Per-group sum of `values` and per-group count, both indexed by group id."""
     n_groups = int(group_of.max()) + 1
-    sums = torch.zeros(n_groups, dtype=values.dtype).index_add_(0, group_of, values)
-    counts = torch.zeros(n_groups, dtype=values.dtype).index_add_(0, group_of, torch.ones_like(values))
+    sums = values.new_zeros(n_groups).index_add_(0, group_of, values)
+    counts = values.new_zeros(n_groups).index_add_(0, group_of, torch.ones_like(values))
     return sums, counts
 
 

@@ -9,7 +9,7 @@ logits at sequence position `P_i - 1 + t` (`response_index`). `response_mask` is
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -31,6 +31,10 @@ class RolloutBatch:
     @property
     def size(self) -> int:
         return int(self.input_ids.shape[0])
+
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        """Every tensor on `device` (the learner's GPU, when it has one)."""
+        return RolloutBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
     def select(self, rows: torch.Tensor) -> RolloutBatch:
         """Rows `rows`, trimmed to their own longest sequence and response."""

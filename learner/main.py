@@ -106,9 +106,10 @@ class Learner:
         if lc.kl_coef > 0:
             self.reference = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
             self.reference.requires_grad_(False)
-        if self.dp.enabled:
-            for model in (self.actor, self.critic, self.reference):
-                if model is not None:
+        for model in (self.actor, self.critic, self.reference):
+            if model is not None:
+                model.to(self.dp.device)  # the rank's GPU when there is one (FSDP2 shards from there)
+                if self.dp.enabled:
                     parallel.shard(model)
         self.trainer = PPOTrainer(lc, self.actor, self.critic, self.reference, self.dp.group)
         if self.resume_from is not None:

@@ -31,6 +31,7 @@ class DataParallel:
     world: int = 1
     group: dist.ProcessGroup | None = None  # training collectives (FSDP), None on one process
     control: dist.ProcessGroup | None = None  # gloo: batches and commands from rank 0
+    device: torch.device = torch.device("cpu")  # where this rank trains
 
     @property
     def is_main(self) -> bool:
@@ -44,14 +45,16 @@ class DataParallel:
 def init_from_env() -> DataParallel:
     """A process group from torchrun's environment (WORLD_SIZE > 1), else the single-process context."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
     if world <= 1:
-        return DataParallel()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return DataParallel(device=device)
+    backend = "nccl" if cuda else "gloo"
     dist.init_process_group(backend)
     control = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
-    dp = DataParallel(dist.get_rank(), dist.get_world_size(), dist.group.WORLD, control)
+    dp = DataParallel(dist.get_rank(), dist.get_world_size(), dist.group.WORLD, control, device)
     log.info("data parallel: rank %d of %d (%s)", dp.rank, dp.world, backend)
     return dp
 

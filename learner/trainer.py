@@ -87,6 +87,7 @@ class PPOTrainer:
         self.reference = reference
         self.group = group
         self.world = dist.get_world_size(group) if group is not None else 1
+        self.device = next(actor.parameters()).device
         self.actor_opt = torch.optim.AdamW(actor.parameters(), lr=cfg.actor_lr, betas=cfg.betas,
                                            weight_decay=cfg.weight_decay)
         # ORZ: linear warm-up, then constant.
@@ -102,14 +103,14 @@ class PPOTrainer:
     def _sum(self, values: list[float]) -> list[float]:
         if self.group is None:
             return values
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)  # NCCL reduces device tensors only
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         return t.tolist()
 
     def _max(self, value: int) -> int:
         if self.group is None:
             return value
-        t = torch.tensor([value], dtype=torch.long)
+        t = torch.tensor([value], dtype=torch.long, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return int(t)
 
@@ -135,15 +136,16 @@ class PPOTrainer:
         cfg = self.cfg
         timings: dict[str, float] = {}
         t0 = time.time()
+        batch = batch.to(self.device)
         schedule = self._schedule(batch)
         local_tokens = float(batch.response_mask.sum())
         (n_tokens,) = self._sum([local_tokens])
         scale = self.world / n_tokens  # loss · world (FSDP averages gradients) / global token count
         mask = batch.response_mask
         dtype = next(self.actor.parameters()).dtype  # the models' precision (fp32 here; fp64 in tests)
-        old_values = torch.zeros(mask.shape, dtype=dtype)
-        proximal = torch.zeros(mask.shape, dtype=dtype)
-        reference = torch.zeros(mask.shape, dtype=dtype)
+        old_values = torch.zeros(mask.shape, dtype=dtype, device=self.device)
+        proximal = torch.zeros(mask.shape, dtype=dtype, device=self.device)
+        reference = torch.zeros(mask.shape, dtype=dtype, device=self.device)
         need_prox = cfg.policy_steps_per_iter > 1
         self.actor.eval()
         if self.critic is not None:
