@@ -102,6 +102,11 @@ class VllmEngine:
     def has_unfinished(self) -> bool:
         return self.llm.llm_engine.has_unfinished_requests()
 
+    def abort(self, request_ids: list[str]) -> None:
+        """Drops requests in flight (their partial samples are discarded; AReaL's abort-and-resubmit)."""
+        if request_ids:
+            self.llm.llm_engine.abort_request(list(request_ids))
+
     @staticmethod
     def _completion(c) -> Completion:
         ids = list(c.token_ids)

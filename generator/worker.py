@@ -29,7 +29,7 @@ from services.metrics import MetricsServer
 from services.protocol import PromptTask, ProtocolError, Sample, TrajectoryGroup, WeightsAnnouncement
 from services.queue import Keys, StreamQueue
 from services.redis_server import connect
-from services.weight_sync import STOP_VERSION, WeightReceiver
+from services.weight_sync import REFORM_VERSION, STOP_VERSION, WeightReceiver
 
 log = logging.getLogger("orz.generator")
 
@@ -53,10 +53,19 @@ class GeneratorMetrics:
         self.reclaimed = Counter("orz_generator_prompts_reclaimed", "prompts reclaimed from dead peers",
                                  registry=r)
         self.queue_lag = Gauge("orz_generator_queue_lag_seconds", "age of the oldest prompt taken", registry=r)
+        self.aborted = Counter("orz_generator_requests_aborted", "requests aborted by a weight update (abort mode)",
+                               registry=r)
 
 
 class WeightListener(threading.Thread):
-    """Joins the weight-sync group and keeps the newest received version for the main loop to load."""
+    """Member of the learner's weight-sync group (learner/weight_group.py); keeps the newest received version
+    for the main loop to load between engine steps.
+
+    Waits for an announcement that lists this generator, joins as the rank it was given, and receives
+    versions until the learner closes the group: REFORM_VERSION (membership changed) or a broken connection
+    (the learner re-forms after a failed broadcast, or restarted) send it back to wait for the next
+    announcement; STOP_VERSION ends it. The learner only lists generators with a fresh heartbeat.
+    """
 
     def __init__(self, cfg: Config, redis, keys: Keys, generator_id: str, stop: threading.Event) -> None:
         super().__init__(name="weight-listener", daemon=True)
@@ -65,42 +74,60 @@ class WeightListener(threading.Thread):
         self._pending: tuple[int, list] | None = None
         self.error: BaseException | None = None
         self.rank: int | None = None
+        self.joined = 0  # groups joined so far
+        self.stopped = False  # the learner closed weight sync for good
 
     def take(self) -> tuple[int, list] | None:
         with self._lock:
             pending, self._pending = self._pending, None
             return pending
 
-    def _announcement(self) -> WeightsAnnouncement | None:
+    def _announcement(self, after_session: str | None) -> WeightsAnnouncement | None:
+        """The first announcement listing this generator whose session is not `after_session`."""
         while not self.stop_event.is_set():
             raw = self.redis.get(self.keys.weights_meta)
             if raw is not None:
                 try:
-                    return WeightsAnnouncement.from_bytes(raw)
+                    ann = WeightsAnnouncement.from_bytes(raw)
                 except ProtocolError as exc:
                     raise RuntimeError(f"unreadable weight-sync announcement: {exc}") from None
-            self.stop_event.wait(0.5)
+                if ann.session != after_session and self.generator_id in ann.members:
+                    return ann
+            self.stop_event.wait(0.2)
         return None
 
     def run(self) -> None:
+        session: str | None = None
         try:
-            ann = self._announcement()
-            if ann is None:
-                return
-            self.rank = int(self.redis.incr(f"{self.keys.weights_meta}:rank:{ann.session}"))
-            if self.rank >= ann.world_size:
-                log.warning("weight-sync group is full (%d members); %s will not receive new weights",
-                            ann.world_size - 1, self.generator_id)
-                return
-            receiver = WeightReceiver(ann, self.rank, self.cfg.weight_sync.timeout_s)
-            log.info("joined weight-sync group %s as rank %d/%d", ann.rendezvous, self.rank, ann.world_size)
             while not self.stop_event.is_set():
-                version, weights = receiver.receive()
-                if version == STOP_VERSION:
-                    log.info("learner closed the weight-sync group")
+                ann = self._announcement(session)
+                if ann is None:
                     return
-                with self._lock:
-                    self._pending = (version, weights)
+                session = ann.session
+                self.rank = ann.members.index(self.generator_id) + 1
+                try:
+                    receiver = WeightReceiver(ann, self.rank, self.cfg.weight_sync.timeout_s)
+                except Exception as exc:  # the learner gave up on this group before we arrived
+                    log.warning("could not join weight-sync group %s: %s", ann.session[:8], exc)
+                    continue
+                self.joined += 1
+                log.info("joined weight-sync group %s as rank %d/%d", ann.session[:8], self.rank, ann.world_size)
+                while not self.stop_event.is_set():
+                    try:
+                        version, weights = receiver.receive()
+                    except Exception as exc:
+                        log.warning("weight-sync group %s closed (%s); waiting for the next one", ann.session[:8],
+                                    exc)
+                        break
+                    if version == STOP_VERSION:
+                        log.info("learner closed the weight-sync group")
+                        self.stopped = True
+                        return
+                    if version == REFORM_VERSION:
+                        log.info("weight-sync membership changed; re-joining")
+                        break
+                    with self._lock:
+                        self._pending = (version, weights)
         except BaseException as exc:  # surfaced to the main loop, which decides to exit
             if not self.stop_event.is_set():
                 self.error = exc
@@ -140,11 +167,39 @@ class Generator:
         state = {"ts": time.time(), "version": self.version, "pid": os.getpid(), "host": socket.gethostname()}
         self.redis.hset(self.keys.generators, self.id, json.dumps(state))
 
+    def _load_checkpoint(self) -> None:
+        """A generator joining a run that is under way starts from the learner's newest checkpoint on disk
+        (`{ns}:checkpoint`), not the base model, then receives newer versions once it is in the group."""
+        raw = self.redis.get(self.keys.checkpoint)
+        if raw is None or self.engine is None:
+            return
+        info = json.loads(raw)
+        if int(info["version"]) <= self.version:
+            return
+        try:
+            seconds = self.engine.load_weights_from_dir(info["path"])
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("could not load checkpoint %s (%s); waiting for broadcast weights", info.get("path"), exc)
+            return
+        self.version = int(info["version"])
+        self.metrics.version.set(self.version)
+        log.info("loaded checkpoint v%d from %s in %.2f s", self.version, info["path"], seconds)
+
     def _load_pending(self, listener: WeightListener) -> None:
         pending = listener.take()
         if pending is None or self.engine is None:
             return
         version, weights = pending
+        if version < self.version:  # e.g. a checkpoint newer than this broadcast was loaded meanwhile
+            return
+        if self.cfg.generator.weight_update_mode == "abort" and self.inflight:
+            # AReaL-style: requests in flight are dropped and sampled again under the new weights, so every
+            # sample is from one version. ("keep", PipelineRL-style: they continue, spanning two versions.)
+            self.engine.abort(list(self.inflight))
+            resubmit = [(job.entry_id, job.task, time.time()) for job in self.inflight.values()]
+            self.inflight.clear()
+            self.waiting = resubmit + self.waiting
+            self.metrics.aborted.inc(len(resubmit))
         seconds = self.engine.load_weights(weights)
         self.version = version
         self.metrics.weight_load.observe(seconds)
@@ -176,7 +231,7 @@ class Generator:
         """
         still_waiting = []
         for entry_id, task, since in self.waiting:
-            overdue = time.time() - since > self.cfg.generator.weight_wait_s or not listener.is_alive()
+            overdue = time.time() - since > self.cfg.generator.weight_wait_s or listener.stopped
             if task.feed_version <= self.version or overdue:
                 self._seq += 1
                 rid = f"{entry_id}#{self._seq}"
@@ -244,10 +299,14 @@ class Generator:
         log.info("generator %s: metrics on :%d", self.id, server.port)
         self.prompts.ensure_group()
         listener = WeightListener(self.cfg, self.redis, self.keys, self.id, self.stop_event)
-        listener.start()  # joins the weight-sync group while the engine starts
+        listener.start()
         self.engine = VllmEngine(self.cfg.model.path, dtype=gcfg.dtype, max_model_len=gcfg.max_model_len,
                                  kv_cache_mb=gcfg.kv_cache_mb, seed=gcfg.seed + os.getpid(),
                                  threads=gcfg.threads)
+        self._load_checkpoint()
+        # Registered only now, with the engine up: the learner adds this generator to the next weight-sync
+        # group it forms and sends it the current weights.
+        self._heartbeat()
         last_beat = 0.0
         learner_version = 0
         try:

@@ -24,7 +24,6 @@ import math
 import signal
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -39,12 +38,12 @@ from learner.critic import Critic
 from learner.feeder import Feeder
 from learner.plot import plot_curves
 from learner.trainer import PPOTrainer
+from learner.weight_group import WeightGroup
 from services.config import Config
-from services.metrics import MetricsServer, free_port
-from services.protocol import PromptTask, TrajectoryGroup, WeightsAnnouncement
+from services.metrics import MetricsServer
+from services.protocol import PromptTask, TrajectoryGroup
 from services.queue import Keys, StreamQueue
 from services.redis_server import connect
-from services.weight_sync import WeightSender, resolve_backend
 
 log = logging.getLogger("orz.learner")
 
@@ -174,7 +173,12 @@ class Learner:
             "advantage": self.cfg.learner.advantage,
         })
         final = ckpt.commit(tmp, self.ckpt_root, self.step, self.cfg.learner.keep_checkpoints)
+        self._publish_checkpoint(final)
         log.info("checkpoint %s written in %.2f s", final, time.time() - t0)
+
+    def _publish_checkpoint(self, path: Path) -> None:
+        """Where a generator that joins late finds the newest weights on disk (generator/worker.py)."""
+        self.redis.set(self.keys.checkpoint, json.dumps({"path": str(path.resolve()), "version": self.version}))
 
     def _save_models(self, path: Path, actor_state: dict, critic_state: dict | None) -> None:
         path.mkdir(parents=True, exist_ok=True)
@@ -187,24 +191,16 @@ class Learner:
     def _reset_namespace(self) -> None:
         """Every run (fresh or resumed) starts from empty streams; a resumed one re-feeds its in-flight prompts."""
         self.redis.delete(self.keys.prompts, self.keys.trajectories, self.keys.policy_version,
-                          self.keys.weights_meta, self.keys.generators)
+                          self.keys.weights_meta, self.keys.checkpoint)
         self.prompts.ensure_group()
         self.trajectories.ensure_group()
+        if self.resume_from is not None:
+            self._publish_checkpoint(self.resume_from)
 
-    def _announce(self) -> WeightSender:
-        ws = self.cfg.weight_sync
-        port = ws.port or free_port(ws.host)
+    def _weight_group(self) -> WeightGroup:
         # Global shapes without a gather: a DTensor's `shape` is the unsharded one.
         names, shapes = zip(*[(n, tuple(p.shape)) for n, p in self.actor.state_dict().items()])
-        ann = WeightsAnnouncement(
-            rendezvous=f"tcp://{ws.host}:{port}", world_size=1 + self.cfg.generator.num,
-            backend=resolve_backend(ws.backend), names=tuple(names), shapes=tuple(shapes), dtype="float32",
-            bucket_bytes=ws.bucket_mb * 2**20, session=uuid.uuid4().hex,
-        )
-        sender = WeightSender(ann, ws.timeout_s)
-        self.redis.set(self.keys.weights_meta, ann.to_bytes())
-        self.redis.publish(self.keys.weights, ann.to_bytes())
-        return sender
+        return WeightGroup(self.cfg, self.redis, self.keys, tuple(names), tuple(shapes))
 
     def _actor_state(self) -> dict[str, torch.Tensor]:
         return parallel.full_state_dict(self.actor, self.dp)
@@ -220,6 +216,9 @@ class Learner:
                 raise KeyboardInterrupt
             self.feeder.top_up(self.version)
             entries = self.trajectories.read("learner-0", lc.batch_prompts - len(batch), self.cfg.redis.block_ms)
+            if time.time() - self._last_sync > 1.0:  # generators that joined (or came back) get the weights now
+                self.weights.sync(self.version, self._latest_state)
+                self._last_sync = time.time()
             if not entries:
                 if time.time() - last_arrival > lc.wait_timeout_s:
                     raise TimeoutError(f"no trajectories for {lc.wait_timeout_s:.0f} s: are generators running?")
@@ -251,11 +250,11 @@ class Learner:
     def run(self) -> None:
         # Resumed: generators start from the base model, so rank 0 sends them the resumed weights first
         # (gathered here, on every rank, as a collective when sharded).
-        initial = self._actor_state() if self.version > 0 else None
+        self._latest_state = self._actor_state()  # what a generator joining before the next step receives
         if not self.dp.is_main:
             self._follow()
             return
-        cfg, lc = self.cfg, self.cfg.learner
+        lc = self.cfg.learner
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop_event.set())
         server = MetricsServer(self.metrics.registry, lc.metrics_port,
@@ -263,18 +262,10 @@ class Learner:
         log.info("learner: metrics on :%d, run dir %s, %s advantages, %d rank(s)", server.port, self.run_path,
                  lc.advantage, self.dp.world)
         self._reset_namespace()
-        sender = self._announce()
+        self.weights = self._weight_group()
+        self._last_sync = 0.0
         self.redis.set(self.keys.policy_version, self.version)
         self.feeder.top_up(self.version)
-        log.info("waiting for %d generators to join the weight-sync group", cfg.generator.num)
-
-        def connect() -> None:
-            sender.connect()
-            if initial is not None:
-                sender.send(self.version, initial)
-
-        joined = threading.Thread(target=connect, name="weight-sync-connect", daemon=True)
-        joined.start()
 
         metrics_path = self.run_path / "metrics.jsonl"
         history = [json.loads(x) for x in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
@@ -296,11 +287,10 @@ class Learner:
                 self.step = step
                 actor_state = self._actor_state()
                 self.redis.set(self.keys.policy_version, self.version)
+                self._latest_state = actor_state
                 t_trained = time.time()
-                joined.join(timeout=cfg.weight_sync.timeout_s)
-                if joined.is_alive():
-                    raise TimeoutError("generators did not join the weight-sync group in time")
-                broadcast_s = sender.send(self.version, actor_state)
+                broadcast_s = self.weights.sync(self.version, actor_state) or 0.0
+                self._last_sync = time.time()
                 self.trajectories.ack([eid for eid, _ in batch] + to_ack)
                 for _, g in batch:
                     self.feeder.record("trained", g.task_id, step)
@@ -330,7 +320,7 @@ class Learner:
                 plot_curves(history, self.run_path / "curves.png")
             metrics_file.close()
             self.feeder.close()
-            sender.stop()
+            self.weights.stop()
             server.close()
 
     def _final_states(self) -> tuple[dict, dict | None]:

@@ -94,7 +94,11 @@ class GeneratorConfig(_Section):
     seed: int = Field(0, description="engine seed (the process id is added)")
     weight_wait_s: float = Field(
         5.0, description="longest wait for the weights of a prompt's feed version before sampling it anyway")
-    heartbeat_s: float = Field(2.0, description="generator heartbeat period in Redis")
+    weight_update_mode: Literal["keep", "abort"] = Field(
+        "keep", description="requests in flight at a weight update: keep decoding (PipelineRL) or abort and resample "
+        "(AReaL)")
+    heartbeat_s: float = Field(2.0, description="generator heartbeat period in Redis; 3 missed beats drop it from "
+                               "the weight-sync group")
     metrics_port: int = Field(0, description="0 picks a free port")
 
 
@@ -145,7 +149,8 @@ class WeightSyncConfig(_Section):
     host: str = Field("127.0.0.1", description="address generators use to reach the learner")
     port: int = Field(0, description="rendezvous port; 0 lets the learner pick a free one")
     bucket_mb: int = Field(256, description="flat broadcast bucket size")
-    timeout_s: float = Field(600.0, description="collective timeout")
+    timeout_s: float = Field(
+        60.0, description="forming a group and each collective; a member that neither joins nor answers is dropped")
 
 
 class EvalConfig(_Section):

@@ -233,12 +233,13 @@ class WeightsAnnouncement:
     dtype: str
     bucket_bytes: int
     session: str
+    members: tuple[str, ...] = ()  # generator ids; members[i] joins as rank i + 1 (empty: ranks by arrival)
 
     def to_bytes(self) -> bytes:
         return _encode(self.TAG, {
             "rendezvous": self.rendezvous, "world_size": self.world_size, "backend": self.backend,
             "names": list(self.names), "shapes": [list(s) for s in self.shapes], "dtype": self.dtype,
-            "bucket_bytes": self.bucket_bytes, "session": self.session,
+            "bucket_bytes": self.bucket_bytes, "session": self.session, "members": list(self.members),
         })
 
     @classmethod
@@ -255,8 +256,14 @@ class WeightsAnnouncement:
             rendezvous=_get(d, "rendezvous", str, w), world_size=_get(d, "world_size", int, w),
             backend=_get(d, "backend", str, w), names=tuple(names), shapes=tuple(tuple(s) for s in shapes),
             dtype=_get(d, "dtype", str, w), bucket_bytes=_get(d, "bucket_bytes", int, w),
-            session=_get(d, "session", str, w),
+            session=_get(d, "session", str, w), members=_members(d.get("members", []), w),
         )
+
+
+def _members(value: Any, what: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(m, str) for m in value) or len(set(value)) != len(value):
+        raise ProtocolError(f"{what}.members: expected a list of distinct strings")
+    return tuple(value)
 
 
 M = TypeVar("M", PromptTask, TrajectoryGroup, WeightsAnnouncement)

@@ -60,6 +60,11 @@ class Keys:
         return f"{self.ns}:policy_version"
 
     @property
+    def checkpoint(self) -> str:
+        """String key: JSON {"path", "version"} of the learner's newest complete checkpoint (late joiners)."""
+        return f"{self.ns}:checkpoint"
+
+    @property
     def generators(self) -> str:
         """Hash of live generators → heartbeat, version, address."""
         return f"{self.ns}:generators"

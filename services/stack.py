@@ -137,7 +137,8 @@ def up(cfg: Config, evaluate: bool = True, resume: bool = False) -> int:
                         f"--nproc-per-node={cfg.learner.num_processes}"]
         learner = Child("learner", ["learner", *(["--resume"] if resume else [])], env, log_dir, launcher)
         children.append(learner)
-        _wait("the learner to reset the run's streams", lambda: redis.exists(keys.weights_meta) == 1, 300, children)
+        _wait("the learner to reset the run's streams", lambda: redis.exists(keys.policy_version) == 1, 300,
+              children)
         for i in range(cfg.generator.num):
             children.append(Child(f"generator-{i}", ["generator"], env, log_dir))
 

@@ -6,7 +6,8 @@ parallelism. The learner is rank 0 and hosts the store; generators take ranks 1.
 
 Parameters are flattened into buckets of at most `bucket_bytes` (one collective per bucket, never one per
 parameter — per-parameter calls are a known cause of slow syncs in peers, ../shared/STYLE.md). Each
-broadcast is preceded by a small header `[version, n_buckets]`; version −1 tells receivers to stop.
+broadcast is preceded by a small header `[version, n_buckets]`; version −1 tells receivers to stop, −2 to
+leave this group and join the next one announced (the membership changed: learner/weight_group.py).
 The layout (names, shapes, dtype, bucket size) travels once, in the `WeightsAnnouncement` kept in Redis.
 """
 
@@ -24,7 +25,8 @@ from services.protocol import WeightsAnnouncement
 
 log = logging.getLogger("orz.weight_sync")
 
-STOP_VERSION = -1
+STOP_VERSION = -1  # header version: the learner closes the group for good
+REFORM_VERSION = -2  # header version: membership changed; join the group of the next announcement
 
 
 def resolve_backend(backend: str) -> str:
@@ -109,11 +111,13 @@ class WeightSender:
                 _broadcast(self.group, flat)
         return time.time() - t0
 
-    def stop(self) -> None:
+    def stop(self, version: int = STOP_VERSION) -> None:
+        """Closes the group; receivers see `version` (STOP_VERSION: for good; REFORM_VERSION: a new group
+        follows). Best effort: a receiver may already be gone."""
         if self.group is None:
             return
         try:
-            _broadcast(self.group, torch.tensor([STOP_VERSION, 0], dtype=torch.int64, device=self.device))
+            _broadcast(self.group, torch.tensor([version, 0], dtype=torch.int64, device=self.device))
         except Exception as exc:  # receivers may already be gone; stopping must not fail the learner
             log.warning("weight-sync stop broadcast failed: %s", exc)
         self.group = None
@@ -135,12 +139,12 @@ class WeightReceiver:
                                 timeout_s, announcement.session)
 
     def receive(self) -> tuple[int, list[tuple[str, torch.Tensor]]]:
-        """Blocks for the next broadcast; returns (version, weights), or (STOP_VERSION, []) at shutdown."""
+        """Blocks for the next broadcast; returns (version, weights), or (STOP_VERSION or REFORM_VERSION, [])."""
         header = torch.zeros(2, dtype=torch.int64, device=self.device)
         _broadcast(self.group, header)
         version, n_buckets = int(header[0]), int(header[1])
-        if version == STOP_VERSION:
-            return STOP_VERSION, []
+        if version in (STOP_VERSION, REFORM_VERSION):
+            return version, []
         if n_buckets != len(self.buckets):
             raise RuntimeError(f"sender uses {n_buckets} buckets, this layout has {len(self.buckets)}")
         out: list[tuple[str, torch.Tensor]] = []

@@ -1,0 +1,119 @@
+"""The learner's side of weight sync with a changing set of generators (ARCHITECTURE.md, "Data flow", step 6).
+
+Generators register by heartbeat in the hash `{ns}:generators`. Whenever the set of live generators differs
+from the members of the current group — one joined, one left or died, one stopped heartbeating — the learner
+forms a new group for exactly the live ones: it tells the old members to leave (header REFORM_VERSION),
+publishes a `WeightsAnnouncement` with a fresh session, port and member list (member i joins as rank i + 1),
+waits for them to join, and sends the current weights at once, so a generator that joined late (or after a
+learner resume) is current before it samples. A broadcast that fails (a member died mid-transfer: gloo
+reports the closed connection) closes the group; the next `sync` forms one for whoever is still alive, so
+the learner and the other members carry on. A member that never joins makes formation time out
+(`weight_sync.timeout_s`); the learner goes on training with the trajectories it has, and tries again
+once the heartbeats have changed or `retry_s` has passed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+
+import torch
+
+from services.config import Config
+from services.metrics import free_port
+from services.protocol import WeightsAnnouncement
+from services.queue import Keys
+from services.weight_sync import REFORM_VERSION, WeightSender, resolve_backend
+
+log = logging.getLogger("orz.learner")
+
+
+class WeightGroup:
+    def __init__(self, cfg: Config, redis, keys: Keys, names: tuple[str, ...], shapes: tuple[tuple[int, ...], ...],
+                 retry_s: float = 10.0) -> None:
+        self.cfg = cfg
+        self.redis = redis
+        self.keys = keys
+        self.names, self.shapes = names, shapes
+        self.retry_s = retry_s
+        self.members: tuple[str, ...] = ()
+        self.sender: WeightSender | None = None
+        self.sent_version = -1
+        self.formations = 0
+        self._failed: tuple[tuple[str, ...], float] | None = None  # members that did not join, and when
+
+    def live(self) -> tuple[str, ...]:
+        """Generators whose heartbeat is fresher than 3 heartbeat periods, sorted by id."""
+        stale_after = 3 * self.cfg.generator.heartbeat_s
+        now = time.time()
+        live = []
+        for gid, raw in self.redis.hgetall(self.keys.generators).items():
+            try:
+                beat = json.loads(raw)
+                if now - float(beat["ts"]) <= stale_after:
+                    live.append(gid.decode() if isinstance(gid, bytes) else gid)
+            except (ValueError, KeyError, TypeError):
+                log.warning("unreadable heartbeat of %r in %s", gid, self.keys.generators)
+        return tuple(sorted(live))
+
+    def sync(self, version: int, state: dict[str, torch.Tensor]) -> float | None:
+        """Re-forms the group if the live generators changed, and sends `version` unless this group already has
+        it. Returns the broadcast seconds, or None when nothing was sent."""
+        live = self.live()
+        if live != self.members or (self.sender is None and live):
+            if self._failed is not None and self._failed[0] == live and time.time() - self._failed[1] < self.retry_s:
+                return None  # the same set just failed to join; wait for heartbeats to change
+            self._form(live)
+        if self.sender is None or version == self.sent_version:
+            return None
+        try:
+            seconds = self.sender.send(version, state)
+        except Exception as exc:  # a member died mid-broadcast
+            log.warning("weight broadcast of v%d failed (%s); re-forming the group with the live generators",
+                        version, exc)
+            self._close()
+            return None
+        self.sent_version = version
+        return seconds
+
+    def _form(self, live: tuple[str, ...]) -> None:
+        self._close()
+        if not live:
+            return
+        ws = self.cfg.weight_sync
+        port = ws.port or free_port(ws.host)
+        ann = WeightsAnnouncement(
+            rendezvous=f"tcp://{ws.host}:{port}", world_size=1 + len(live), backend=resolve_backend(ws.backend),
+            names=self.names, shapes=self.shapes, dtype="float32", bucket_bytes=ws.bucket_mb * 2**20,
+            session=uuid.uuid4().hex, members=live,
+        )
+        sender = WeightSender(ann, ws.timeout_s)
+        self.redis.set(self.keys.weights_meta, ann.to_bytes())
+        self.redis.publish(self.keys.weights, ann.to_bytes())
+        t0 = time.time()
+        try:
+            sender.connect()
+        except Exception as exc:
+            log.warning("weight-sync group of %s not formed in %.0f s (%s); will retry", list(live),
+                        time.time() - t0, exc)
+            self._failed = (live, time.time())
+            self.redis.delete(self.keys.weights_meta)
+            return
+        self.sender, self.members, self.sent_version = sender, live, -1
+        self._failed = None
+        self.formations += 1
+        log.info("weight-sync group %d formed with %d generator(s) %s in %.2f s", self.formations, len(live),
+                 list(live), time.time() - t0)
+
+    def _close(self) -> None:
+        """Leaves the current group; its members (if still listening) go and wait for the next announcement."""
+        if self.sender is not None:
+            self.sender.stop(REFORM_VERSION)
+        self.sender, self.members, self.sent_version = None, (), -1
+
+    def stop(self) -> None:
+        if self.sender is not None:
+            self.sender.stop()
+        self.sender, self.members = None, ()
