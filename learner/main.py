@@ -366,7 +366,9 @@ class Learner:
             "broadcast_s": broadcast_s, "step_time_s": time.time() - t_start,
             "inflight_prompts": self.feeder.inflight,
             "group_versions": [g.policy_version for g in groups],
+            "group_versions_last": [g.policy_version_last for g in groups],
             "generator_ids": sorted({g.generator_id for g in groups}),
+            "group_generators": [g.generator_id for g in groups],
             "task_ids": [g.task_id for g in groups],
             "stats": stats,
         }
