@@ -18,11 +18,12 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from generator.engine import Completion, VllmEngine
+from generator.engine import Completion, VllmEngine, make_engine
 from generator.reward_client import GradeItem, RewardClient, RewardClientError
 from services.config import Config
 from services.metrics import MetricsServer
@@ -30,6 +31,9 @@ from services.protocol import PromptTask, ProtocolError, Sample, TrajectoryGroup
 from services.queue import Keys, StreamQueue
 from services.redis_server import connect
 from services.weight_sync import REFORM_VERSION, STOP_VERSION, WeightReceiver
+
+if TYPE_CHECKING:
+    from generator.hf_engine import TransformersEngine
 
 log = logging.getLogger("orz.generator")
 
@@ -72,15 +76,22 @@ class WeightListener(threading.Thread):
         self.cfg, self.redis, self.keys, self.generator_id, self.stop_event = cfg, redis, keys, generator_id, stop
         self._lock = threading.Lock()
         self._pending: tuple[int, list] | None = None
+        self._released = threading.Event()  # the main loop is done with the last version handed over
+        self._released.set()
         self.error: BaseException | None = None
         self.rank: int | None = None
         self.joined = 0  # groups joined so far
         self.stopped = False  # the learner closed weight sync for good
 
     def take(self) -> tuple[int, list] | None:
+        """The newest received version not yet taken; call `release()` once its tensors are loaded."""
         with self._lock:
             pending, self._pending = self._pending, None
             return pending
+
+    def release(self) -> None:
+        """The weights last taken are loaded: the receiver may reuse its buffers for the next version."""
+        self._released.set()
 
     def _announcement(self, after_session: str | None) -> WeightsAnnouncement | None:
         """The first announcement listing this generator whose session is not `after_session`."""
@@ -113,6 +124,11 @@ class WeightListener(threading.Thread):
                 self.joined += 1
                 log.info("joined weight-sync group %s as rank %d/%d", ann.session[:8], self.rank, ann.world_size)
                 while not self.stop_event.is_set():
+                    # The received tensors are views into the receiver's reusable buffers: the next version
+                    # is received only once the main loop has loaded this one (between two engine steps).
+                    while not self._released.wait(0.1):
+                        if self.stop_event.is_set():
+                            return
                     try:
                         version, weights = receiver.receive()
                     except Exception as exc:
@@ -127,6 +143,7 @@ class WeightListener(threading.Thread):
                         log.info("weight-sync membership changed; re-joining")
                         break
                     with self._lock:
+                        self._released.clear()
                         self._pending = (version, weights)
         except BaseException as exc:  # surfaced to the main loop, which decides to exit
             if not self.stop_event.is_set():
@@ -156,7 +173,7 @@ class Generator:
         if not cfg.reward.url:
             raise ValueError("reward.url is not set: point the generator at a reward server (ORZ__REWARD__URL)")
         self.reward = RewardClient(cfg.reward.url, cfg.reward.request_timeout_s, cfg.reward.token)
-        self.engine: VllmEngine | None = None
+        self.engine: VllmEngine | TransformersEngine | None = None
         self.inflight: dict[str, _InFlight] = {}  # request id → prompt in the engine
         self.waiting: list[tuple[str, PromptTask, float]] = []  # taken, waiting for their feed version's weights
         self._seq = 0
@@ -186,10 +203,17 @@ class Generator:
         log.info("loaded checkpoint v%d from %s in %.2f s", self.version, info["path"], seconds)
 
     def _load_pending(self, listener: WeightListener) -> None:
-        pending = listener.take()
-        if pending is None or self.engine is None:
+        if self.engine is None:
             return
-        version, weights = pending
+        pending = listener.take()
+        if pending is None:
+            return
+        try:
+            self._load_version(*pending)
+        finally:
+            listener.release()
+
+    def _load_version(self, version: int, weights: list) -> None:
         if version < self.version:  # e.g. a checkpoint newer than this broadcast was loaded meanwhile
             return
         if self.cfg.generator.weight_update_mode == "abort" and self.inflight:
@@ -300,9 +324,7 @@ class Generator:
         self.prompts.ensure_group()
         listener = WeightListener(self.cfg, self.redis, self.keys, self.id, self.stop_event)
         listener.start()
-        self.engine = VllmEngine(self.cfg.model.path, dtype=gcfg.dtype, max_model_len=gcfg.max_model_len,
-                                 kv_cache_mb=gcfg.kv_cache_mb, seed=gcfg.seed + os.getpid(),
-                                 threads=gcfg.threads)
+        self.engine = make_engine(gcfg, self.cfg.model.path, seed=gcfg.seed + os.getpid())
         self._load_checkpoint()
         # Registered only now, with the engine up: the learner adds this generator to the next weight-sync
         # group it forms and sends it the current weights.

@@ -9,6 +9,11 @@ parameter — per-parameter calls are a known cause of slow syncs in peers, ../s
 broadcast is preceded by a small header `[version, n_buckets]`; version −1 tells receivers to stop, −2 to
 leave this group and join the next one announced (the membership changed: learner/weight_group.py).
 The layout (names, shapes, dtype, bucket size) travels once, in the `WeightsAnnouncement` kept in Redis.
+
+Buffers are allocated once and reused: a fresh multi-hundred-MB host buffer per bucket costs its page faults
+on every sync, which measured 4× slower than the transfer itself (bench/weight_sync.py). The sender
+stages buckets through two buffers, packing the next while the previous one is on the wire; the receiver
+keeps one flat buffer per bucket and hands out views into them, valid until its next `receive()`.
 """
 
 from __future__ import annotations
@@ -73,11 +78,14 @@ def make_group(backend: str, rendezvous: str, rank: int, world_size: int, timeou
     raise ValueError(f"unknown weight-sync backend {backend!r}")
 
 
-def _broadcast(group: dist.ProcessGroup, tensor: torch.Tensor) -> None:
+def _broadcast(group: dist.ProcessGroup, tensor: torch.Tensor, wait: bool = True):
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
     opts.rootTensor = 0
-    group.broadcast([tensor], opts).wait()
+    work = group.broadcast([tensor], opts)
+    if wait:
+        work.wait()
+    return work
 
 
 class WeightSender:
@@ -91,6 +99,8 @@ class WeightSender:
         self.device = torch.device("cuda" if announcement.backend == "nccl" else "cpu")
         self.group: dist.ProcessGroup | None = None
         self.timeout_s = timeout_s
+        self._sizes = [[_numel(announcement.shapes[i]) for i in idx] for idx in self.buckets]
+        self._staging: list[torch.Tensor] = []  # two buffers of the largest bucket, allocated on first send
 
     def connect(self) -> float:
         """Blocks until every generator rank has joined; returns the seconds it waited."""
@@ -102,13 +112,24 @@ class WeightSender:
     def send(self, version: int, params: dict[str, torch.Tensor]) -> float:
         assert self.group is not None, "connect() first"
         t0 = time.time()
+        if not self._staging:
+            largest = max(sum(sizes) for sizes in self._sizes)
+            self._staging = [torch.empty(largest, dtype=self.dtype, device=self.device) for _ in range(2)]
         header = torch.tensor([version, len(self.buckets)], dtype=torch.int64, device=self.device)
         _broadcast(self.group, header)
+        works: list = [None, None]
         with torch.no_grad():
-            for idx in self.buckets:
-                flat = torch.cat([params[self.ann.names[i]].detach().to(self.device, self.dtype).reshape(-1)
-                                  for i in idx])
-                _broadcast(self.group, flat)
+            for b, (idx, sizes) in enumerate(zip(self.buckets, self._sizes)):
+                slot = b % 2
+                if works[slot] is not None:
+                    works[slot].wait()  # that buffer's previous bucket has left
+                flat = self._staging[slot][: sum(sizes)]
+                for i, chunk in zip(idx, torch.split(flat, sizes)):
+                    chunk.copy_(params[self.ann.names[i]].detach().reshape(-1))
+                works[slot] = _broadcast(self.group, flat, wait=False)
+            for work in works:
+                if work is not None:
+                    work.wait()
         return time.time() - t0
 
     def stop(self, version: int = STOP_VERSION) -> None:
@@ -137,9 +158,13 @@ class WeightReceiver:
         self.device = torch.device("cuda" if announcement.backend == "nccl" else "cpu")
         self.group = make_group(announcement.backend, announcement.rendezvous, rank, announcement.world_size,
                                 timeout_s, announcement.session)
+        self._sizes = [[_numel(announcement.shapes[i]) for i in idx] for idx in self.buckets]
+        self._flat: list[torch.Tensor] = []  # one buffer per bucket, allocated on the first version
 
     def receive(self) -> tuple[int, list[tuple[str, torch.Tensor]]]:
-        """Blocks for the next broadcast; returns (version, weights), or (STOP_VERSION or REFORM_VERSION, [])."""
+        """Blocks for the next broadcast; returns (version, weights), or (STOP_VERSION or REFORM_VERSION, []).
+
+        The weights are views into this receiver's buffers: load (copy) them before calling again."""
         header = torch.zeros(2, dtype=torch.int64, device=self.device)
         _broadcast(self.group, header)
         version, n_buckets = int(header[0]), int(header[1])
@@ -147,11 +172,12 @@ class WeightReceiver:
             return version, []
         if n_buckets != len(self.buckets):
             raise RuntimeError(f"sender uses {n_buckets} buckets, this layout has {len(self.buckets)}")
+        if not self._flat:
+            self._flat = [torch.empty(sum(sizes), dtype=self.dtype, device=self.device) for sizes in self._sizes]
         out: list[tuple[str, torch.Tensor]] = []
-        for idx in self.buckets:
-            sizes = [_numel(self.ann.shapes[i]) for i in idx]
-            flat = torch.empty(sum(sizes), dtype=self.dtype, device=self.device)
-            _broadcast(self.group, flat)
+        works = [_broadcast(self.group, flat, wait=False) for flat in self._flat]  # posted in order
+        for idx, sizes, flat, work in zip(self.buckets, self._sizes, self._flat, works):
+            work.wait()
             for i, chunk in zip(idx, torch.split(flat, sizes)):
                 out.append((self.ann.names[i], chunk.view(self.ann.shapes[i])))
         return version, out

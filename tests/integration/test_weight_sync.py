@@ -83,3 +83,53 @@ def test_receiver_rejects_a_rank_outside_the_group() -> None:
     ann = _announcement(1024)
     with pytest.raises(ValueError, match="outside the weight-sync group"):
         WeightReceiver(ann, 3, timeout_s=5)
+
+
+def test_listener_receives_the_next_version_only_after_the_last_one_is_loaded(redis_client) -> None:
+    """The receiver reuses its buffers, so the generator's listener must not receive version v+1 while the
+    main loop still holds version v's tensors (views into those buffers) — it waits for `release()`."""
+    import threading
+
+    from generator.worker import WeightListener
+    from services.config import Config
+    from services.queue import Keys
+
+    ann = WeightsAnnouncement(**{**_announcement(256 * 2**20).__dict__, "world_size": 2, "members": ("g1",)})
+    keys = Keys("orz:test-listener")
+    redis_client.set(keys.weights_meta, ann.to_bytes())
+    stop = threading.Event()
+    listener = WeightListener(Config(), redis_client, keys, "g1", stop)
+    listener.start()
+    sender = WeightSender(ann, timeout_s=30)
+    sender.connect()
+    sender.send(1, _params(1))
+    for _ in range(200):
+        taken = listener.take()
+        if taken is not None:
+            break
+        stop.wait(0.05)
+    assert taken is not None and taken[0] == 1
+    held = {n: t for n, t in taken[1]}
+    v1 = {n: t.clone() for n, t in held.items()}
+    second = threading.Thread(target=sender.send, args=(2, _params(2)))
+    second.start()
+    stop.wait(1.0)
+    assert listener.take() is None  # not received: version 1 is still being "loaded"
+    for name, tensor in held.items():
+        torch.testing.assert_close(tensor, v1[name], rtol=0, atol=0)  # untouched while held
+    listener.release()
+    second.join(30)
+    for _ in range(200):
+        taken = listener.take()
+        if taken is not None:
+            break
+        stop.wait(0.05)
+    assert taken is not None and taken[0] == 2
+    for name, tensor in taken[1]:
+        torch.testing.assert_close(tensor, _params(2)[name], rtol=0, atol=0)
+    # The same buffers were reused: what was held for version 1 now reads version 2 — hence the handshake.
+    torch.testing.assert_close(held["lm_head.weight"], _params(2)["lm_head.weight"], rtol=0, atol=0)
+    listener.release()
+    sender.stop()
+    listener.join(10)
+    assert listener.stopped and listener.error is None
