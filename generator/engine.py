@@ -131,3 +131,17 @@ class VllmEngine:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
         self.llm.reset_prefix_cache()
         return time.time() - t0
+
+
+def make_engine(gc, model_path: str | Path, *, seed: int):
+    """The engine `generator.backend` names, with the generator section's settings."""
+    if gc.backend == "vllm":
+        return VllmEngine(model_path, dtype=gc.dtype, max_model_len=gc.max_model_len, kv_cache_mb=gc.kv_cache_mb,
+                          seed=seed, threads=gc.threads)
+    if gc.backend == "transformers":
+        from generator.hf_engine import TransformersEngine
+
+        return TransformersEngine(model_path, dtype=gc.dtype, max_model_len=gc.max_model_len, seed=seed,
+                                  threads=gc.threads, max_num_seqs=gc.max_num_seqs)
+    raise ValueError(f"unknown generator backend {gc.backend!r}")
+

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from generator.engine import VllmEngine
+from generator.engine import make_engine
 from generator.reward_client import GradeItem, RewardClient
 from services.config import Config
 from services.protocol import SamplingParams
@@ -32,8 +32,7 @@ def evaluate(cfg: Config, models: list[Path], out: Path | None = None) -> dict[s
     prompt_ids = [tokenizer.encode(p.prompt, add_special_tokens=False) for p in problems]
     params = SamplingParams(ec.temperature, 1.0, ec.max_tokens, tuple(cfg.sampling.stop))
     samples = ec.samples if ec.temperature > 0 else 1
-    engine = VllmEngine(models[0], dtype=gc.dtype, max_model_len=gc.max_model_len, kv_cache_mb=gc.kv_cache_mb,
-                        seed=gc.seed, threads=max(1, gc.threads))
+    engine = make_engine(gc, models[0], seed=gc.seed)
     client = RewardClient(cfg.reward.url, cfg.reward.request_timeout_s, cfg.reward.token)
     results: dict[str, dict] = {}
     try:

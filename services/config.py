@@ -84,13 +84,16 @@ class RewardConfig(_Section):
 
 class GeneratorConfig(_Section):
     num: int = Field(2, description="generators started by `orz up`")
-    backend: Literal["vllm"] = Field("vllm", description="inference engine")
+    backend: Literal["vllm", "transformers"] = Field(
+        "vllm", description="inference engine: vllm (the default and tested path), or the plain transformers "
+        "fallback for platforms vLLM lacks (slower; static batches)")
     prompts_per_batch: int = Field(8, description="most prompts taken from the queue per read")
     max_inflight_requests: int = Field(16, description="prompts in the engine at once (continuous batching)")
     dtype: str = Field("float32", description="engine dtype (float32 on CPU: no avx512_bf16 here)")
     kv_cache_mb: int = Field(64, description="vLLM KV-cache size")
     max_model_len: int = Field(256, description="prompt + response token limit of the engine")
     threads: int = Field(1, description="CPU threads per engine")
+    max_num_seqs: int = Field(256, description="transformers backend: most samples decoded together in one batch")
     seed: int = Field(0, description="engine seed (the process id is added)")
     weight_wait_s: float = Field(
         5.0, description="longest wait for the weights of a prompt's feed version before sampling it anyway")

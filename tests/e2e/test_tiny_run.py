@@ -1,4 +1,5 @@
-"""`orz up` on the tiny config, for real: Redis, reward server, 2 vLLM generators, the learner, evaluation.
+"""`orz up` on the tiny config, for real: Redis, reward server, 2 generators (vLLM; once the transformers
+fallback), the learner, evaluation.
 
 Asserts that the system learns: versions advance, generators load new weights mid-run, no task is trained
 twice, and the reward climbs by far more than noise. With 16 prompts × 8 samples per step the standard
@@ -23,13 +24,14 @@ WINDOW = 8
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("advantage", ["gae", "grpo"])
-def test_tiny_run_learns(tmp_path: Path, advantage: str) -> None:
-    """PPO-GAE (ORZ) and GRPO (no critic) on the same stack: both must raise the reward."""
+@pytest.mark.parametrize(("advantage", "backend"), [("gae", "vllm"), ("grpo", "vllm"), ("grpo", "transformers")])
+def test_tiny_run_learns(tmp_path: Path, advantage: str, backend: str) -> None:
+    """PPO-GAE (ORZ) and GRPO (no critic) on the same stack: both must raise the reward; and with the
+    transformers fallback engine in the generators instead of vLLM."""
     run_dir = tmp_path / "runs"
     cmd = [sys.executable, "-m", "services.cli", "up", "--config", str(ROOT / "configs" / "tiny.yaml"),
            "--set", f"run_dir={run_dir}", "--set", "run_name=e2e", "--set", f"learner.total_steps={STEPS}",
-           "--set", f"learner.advantage={advantage}"]
+           "--set", f"learner.advantage={advantage}", "--set", f"generator.backend={backend}"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORZ__")}
     t0 = time.time()
     proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400)
