@@ -7,7 +7,7 @@
 Both use the same engine settings and thread count, one after the other (never concurrently). Prints JSON
 with tokens/s of each and their ratio.
 
-    python bench/generator.py --prompts 96 --samples 8
+    python bench/generator.py --prompts 384 --samples 8 [--max-inflight 96]
 """
 
 from __future__ import annotations
@@ -103,11 +103,17 @@ def system_tokens_per_s(cfg, tasks: list[PromptTask], timeout_s: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
-    ap.add_argument("--prompts", type=int, default=96)
+    ap.add_argument("--prompts", type=int, default=384)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--timeout-s", type=float, default=600)
+    ap.add_argument("--max-inflight", type=int, default=None,
+                    help="generator.max_inflight_requests (and prompts_per_batch); default: all prompts, as bare "
+                    "vLLM has them")
     args = ap.parse_args()
-    cfg = load_config(args.config, overrides={"run_name": f"bench-gen-{os.getpid()}"})
+    inflight = args.max_inflight or args.prompts
+    cfg = load_config(args.config, overrides={
+        "run_name": f"bench-gen-{os.getpid()}",
+        "generator": {"max_inflight_requests": inflight, "prompts_per_batch": inflight}})
     if not (cfg.model.path / "config.json").exists():
         raise SystemExit(f"no base model at {cfg.model.path}: run `orz make-base-model -c {args.config}` first")
     tokenizer = AutoTokenizer.from_pretrained(str(cfg.model.path))

@@ -17,6 +17,8 @@ import signal
 import socket
 import threading
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,7 +29,7 @@ from generator.engine import Completion, VllmEngine, make_engine
 from generator.reward_client import GradeItem, RewardClient, RewardClientError
 from services.config import Config
 from services.metrics import MetricsServer
-from services.protocol import PromptTask, ProtocolError, Sample, TrajectoryGroup, WeightsAnnouncement
+from services.protocol import PromptTask, ProtocolError, Sample, SamplingParams, TrajectoryGroup, WeightsAnnouncement
 from services.queue import Keys, StreamQueue
 from services.redis_server import connect
 from services.weight_sync import REFORM_VERSION, STOP_VERSION, WeightReceiver
@@ -159,6 +161,9 @@ class _InFlight:
     submitted: float
 
 
+MAX_PUBLISH_BACKLOG = 8  # engine steps' worth of finished groups waiting for grading before the engine waits
+
+
 class Generator:
     def __init__(self, cfg: Config, generator_id: str | None = None) -> None:
         self.cfg = cfg
@@ -176,6 +181,10 @@ class Generator:
         self.engine: VllmEngine | TransformersEngine | None = None
         self.inflight: dict[str, _InFlight] = {}  # request id → prompt in the engine
         self.waiting: list[tuple[str, PromptTask, float]] = []  # taken, waiting for their feed version's weights
+        # Finished groups are graded and published on one background thread while the engine keeps stepping
+        # (grading is an HTTP round trip per batch of finished groups; the engine would idle through it).
+        self._publisher = ThreadPoolExecutor(1, thread_name_prefix="publish")
+        self._publishing: deque[Future] = deque()
         self._seq = 0
         self._window_tokens = 0
         self._window_start = time.time()
@@ -267,12 +276,25 @@ class Generator:
         self.waiting = still_waiting
         self.metrics.inflight.set(len(self.inflight))
 
-    def _publish(self, finished: list[tuple[str, list[Completion]]]) -> None:
-        """Grades the groups that finished in one call, publishes them, then acks their prompts."""
+    def _hand_off(self, finished: list[tuple[str, list[Completion]]]) -> None:
+        """Moves finished groups out of the engine's books and onto the publishing thread."""
         jobs = [(self.inflight.pop(rid), comps) for rid, comps in finished]
+        self.metrics.inflight.set(len(self.inflight))
         n_tokens = sum(len(c.token_ids) for _, comps in jobs for c in comps)
         self.metrics.tokens.inc(n_tokens)
         self._window_tokens += n_tokens
+        while len(self._publishing) >= MAX_PUBLISH_BACKLOG:  # grading fell behind: wait for the oldest batch
+            self._publishing.popleft().result()
+        self._publishing.append(self._publisher.submit(self._publish, jobs, self.version))
+
+    def _collect_published(self, block: bool = False) -> None:
+        """Surfaces the publishing thread's errors (a failed grade or Redis write stops the generator; its
+        prompts stay pending and a peer reclaims them)."""
+        while self._publishing and (block or self._publishing[0].done()):
+            self._publishing.popleft().result()
+
+    def _publish(self, jobs: list[tuple[_InFlight, list[Completion]]], version_last: int) -> None:
+        """Grades the groups that finished in one engine step, publishes them, then acks their prompts."""
         items = [GradeItem(f"{ji}/{si}", c.text, job.task.reference, job.task.task_type, c.finish_reason == "length")
                  for ji, (job, comps) in enumerate(jobs) for si, c in enumerate(comps)]
         t0 = time.time()
@@ -293,7 +315,7 @@ class Generator:
             )
             group = TrajectoryGroup(
                 task_id=job.task.task_id, prompt_ids=np.asarray(job.task.prompt_ids, dtype=np.int32),
-                samples=samples, policy_version=job.version_first, policy_version_last=self.version,
+                samples=samples, policy_version=job.version_first, policy_version_last=version_last,
                 generator_id=self.id,
                 timings={"generate_s": time.time() - job.submitted, "grade_s": grade_s, "published_at": time.time()},
             )
@@ -303,7 +325,6 @@ class Generator:
         # and a live peer reclaims them (ARCHITECTURE.md, step 4).
         self.prompts.ack([job.entry_id for job, _ in jobs])
         self.metrics.groups.inc(len(jobs))
-        self.metrics.inflight.set(len(self.inflight))
 
     def _log_window(self) -> None:
         elapsed = time.time() - self._window_start
@@ -325,6 +346,8 @@ class Generator:
         listener = WeightListener(self.cfg, self.redis, self.keys, self.id, self.stop_event)
         listener.start()
         self.engine = make_engine(gcfg, self.cfg.model.path, seed=gcfg.seed + os.getpid())
+        # One tiny request first: the engine's first call pays one-off allocations (KV blocks, kernels).
+        self.engine.generate([[1, 2, 3]], [SamplingParams(1.0, 1.0, 4)], [1])
         self._load_checkpoint()
         # Registered only now, with the engine up: the learner adds this generator to the next weight-sync
         # group it forms and sends it the current weights.
@@ -353,15 +376,18 @@ class Generator:
                                                self.cfg.redis.block_ms if idle else None)
                     self.waiting += [(eid, task, time.time()) for eid, task in taken]
                 self._submit_ready(listener)
+                self._collect_published()
                 if self.inflight:
                     finished = self.engine.step()
                     if finished:
-                        self._publish(finished)
+                        self._hand_off(finished)
                 elif self.waiting:
                     self.stop_event.wait(0.005)
                 self._log_window()
+            self._collect_published(block=True)
         finally:
             self.stop_event.set()
+            self._publisher.shutdown(wait=True)
             self.redis.hdel(self.keys.generators, self.id)
             self.reward.close()
             server.close()
