@@ -8,7 +8,9 @@ documents them. Grading itself lives in `reward_server/grading.py`; nothing here
 
 import asyncio
 import logging
+import os
 import secrets
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,13 +20,14 @@ from typing import Literal
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from pydantic import BaseModel, Field
 
-from reward_server.grading import VERDICTS, Grader, RewardMetrics, Verdict
-from services.config import Config, RewardConfig
+from reward_server.graders import REGISTRY, VERDICTS, Verdict
+from reward_server.grading import Grader, RewardMetrics
+from services.config import Config, RewardConfig, config_to_env, load_config
 
 log = logging.getLogger("orz.reward")
 
@@ -40,6 +43,17 @@ class GradeResultModel(BaseModel):
     verdict: Verdict = Field(description=" | ".join(VERDICTS))
 
 
+class ErrorResponse(BaseModel):
+    detail: str | list[dict] = Field(description="what was wrong with the request")
+
+
+ERROR_RESPONSES: dict = {
+    401: {"model": ErrorResponse, "description": "missing or wrong bearer token (when `reward.token` is set)"},
+    413: {"model": ErrorResponse, "description": "request body, item count or a field over its limit"},
+    422: {"model": ErrorResponse, "description": "malformed request"},
+}
+
+
 class GradeResponse(BaseModel):
     results: list[GradeResultModel] = Field(description="one result per item, in request order")
 
@@ -51,7 +65,8 @@ def request_model(cfg: RewardConfig) -> type[BaseModel]:
         id: str = Field(max_length=MAX_ID_CHARS, description="echoed back in the result")
         response: str = Field(max_length=cfg.max_response_chars, description="the model's completion")
         reference: str = Field(max_length=cfg.max_reference_chars, description="the gold answer (LaTeX)")
-        task_type: Literal["math"] = Field("math", description="grader to use")
+        task_type: Literal[tuple(REGISTRY)] = Field(  # type: ignore[valid-type]
+            "math", description="grader: " + ", ".join(REGISTRY) + " (reward_server/graders/)")
         truncated: bool = Field(False, description="the completion hit the token cap: reward 0, verdict truncated")
 
     class GradeRequest(BaseModel):
@@ -62,7 +77,7 @@ def request_model(cfg: RewardConfig) -> type[BaseModel]:
 
 def max_body_bytes(cfg: RewardConfig) -> int:
     per_item = (cfg.max_response_chars + cfg.max_reference_chars + MAX_ID_CHARS) * _BYTES_PER_CHAR + 1024
-    return cfg.max_items * per_item + 1024
+    return min(cfg.max_items * per_item + 1024, cfg.max_request_mb << 20)
 
 
 class BodySizeLimit:
@@ -119,20 +134,26 @@ def create_app(cfg: RewardConfig, math_verify_timeout_s: int | None = None) -> F
                               "checked with math-verify in killable worker processes.")
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes(cfg))
     app.add_exception_handler(RequestValidationError, _validation_error)
-    bearer = HTTPBearer(auto_error=False)
+    # The bearer scheme is declared (and checked) only when a token is configured, so that the OpenAPI
+    # document says what the server does.
+    auth: list = []
+    if cfg.token is not None:
+        bearer = HTTPBearer(auto_error=False)
 
-    async def check_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if cfg.token is None:
-            return
-        if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), cfg.token.encode()):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+        async def check_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+            if credentials is None or not secrets.compare_digest(credentials.credentials.encode(),
+                                                                 cfg.token.encode()):
+                raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+        auth = [Depends(check_token)]
 
     grade_request = request_model(cfg)
 
-    @app.post("/v1/grade", response_model=GradeResponse, dependencies=[Depends(check_token)])
+    @app.post("/v1/grade", response_model=GradeResponse, dependencies=auth, responses=ERROR_RESPONSES)
     async def grade(body: grade_request) -> dict:  # type: ignore[valid-type]
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(grader.grade_one(item.id, item.response, item.reference, item.truncated)
+        results = await asyncio.gather(*(grader.grade_one(item.id, item.response, item.reference, item.truncated,
+                                                           item.task_type)
                                          for item in body.items))
         metrics.request_latency.observe(time.perf_counter() - t0)
         metrics.request_items.observe(len(results))
@@ -140,19 +161,42 @@ def create_app(cfg: RewardConfig, math_verify_timeout_s: int | None = None) -> F
 
     @app.get("/healthz")
     async def healthz() -> dict:
-        return {"status": "ok", "workers": cfg.grader_procs, "in_flight": grader.in_flight,
+        return {"status": "ok", "pid": os.getpid(), "workers": cfg.grader_procs, "in_flight": grader.in_flight,
                 "uptime_s": round(time.time() - started_at, 1)}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text exposition format",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def prometheus_metrics() -> Response:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # several uvicorn workers: every worker's series, summed
+            merged = CollectorRegistry()
+            multiprocess.MultiProcessCollector(merged)
+            return Response(generate_latest(merged), media_type=CONTENT_TYPE_LATEST)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
 
+def app_from_env() -> FastAPI:
+    """The app of one uvicorn worker process (`--workers` > 1): its settings come from the `ORZ__` environment
+    the parent exported."""
+    return create_app(load_config().reward)
+
+
 def serve(cfg: Config) -> None:
     """`orz reward-server`: runs the app with uvicorn on `reward.host:reward.port` until SIGINT/SIGTERM."""
     rc = cfg.reward
-    app = create_app(rc)
-    log.info("reward server for run %s listening on http://%s:%d", cfg.run_name, rc.host, rc.port)
-    uvicorn.run(app, host=rc.host, port=rc.port, log_config=None, access_log=False, timeout_graceful_shutdown=5)
+    log.info("reward server for run %s listening on http://%s:%d (%d uvicorn worker(s) × %d grading processes)",
+             cfg.run_name, rc.host, rc.port, rc.workers, rc.grader_procs)
+    if rc.workers == 1:
+        uvicorn.run(create_app(rc), host=rc.host, port=rc.port, log_config=None, access_log=False,
+                    timeout_graceful_shutdown=5)
+        return
+    # Worker processes are spawned afresh: they read the config from the environment, and write their metric
+    # values to a shared directory that /metrics (answered by any one of them) sums (prometheus_client's
+    # multiprocess mode).
+    with tempfile.TemporaryDirectory(prefix="orz-reward-metrics-") as metrics_dir:
+        os.environ.update(config_to_env(cfg))
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        uvicorn.run("reward_server.app:app_from_env", factory=True, workers=rc.workers, host=rc.host,
+                    port=rc.port, log_config=None, access_log=False, timeout_graceful_shutdown=5)

@@ -13,7 +13,6 @@ here calls `sympify`, `parse_expr` or `eval` on it.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
 import multiprocessing
@@ -23,23 +22,16 @@ import time
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from itertools import product
-from typing import Literal
 
 import math_verify  # noqa: F401  (imported before the pool forks: workers inherit a loaded math-verify)
 from math_verify import parse, verify
-from math_verify.errors import TimeoutException
 from pebble import ProcessExpired, ProcessPool
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from reward_server.extract import extract_answer
+from reward_server.graders import REGISTRY, VERDICTS, Verdict, run_compare
 from services.config import RewardConfig
 
 log = logging.getLogger("orz.reward.grading")
-
-Verdict = Literal["correct", "wrong", "no_answer", "truncated", "timeout", "error"]
-VERDICTS: tuple[Verdict, ...] = ("correct", "wrong", "no_answer", "truncated", "timeout", "error")
-GOLD_CACHE_SIZE = 4096  # parsed references kept per worker; a batch shares one reference across n_samples
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -62,35 +54,6 @@ def worker_vm_mb() -> float:
             if line.startswith("VmSize:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
-
-
-@functools.lru_cache(maxsize=GOLD_CACHE_SIZE)
-def _parse_gold(reference: str, timeout_s: int) -> list:
-    return parse("$" + reference + "$", parsing_timeout=timeout_s, raise_on_error=True)
-
-
-def grade_math(reference: str, answer: str, timeout_s: int) -> Verdict:
-    """`verify(parse(gold), parse(answer))`, with math-verify's SIGALRM timeouts of `timeout_s` per call.
-
-    `verify` is called per (gold, prediction) pair, as math-verify itself iterates them, so that an
-    exception scores that pair False while its TimeoutException becomes the `timeout` verdict instead
-    of a silent False.
-    """
-    try:
-        gold = _parse_gold(reference, timeout_s)
-        try:
-            pred = parse("$" + answer + "$", parsing_timeout=timeout_s, raise_on_error=True)
-        except Exception:  # an unparsable answer is a wrong one
-            pred = []
-        for g, p in product(gold, pred):
-            try:
-                if verify(g, p, timeout_seconds=timeout_s, raise_on_error=True):
-                    return "correct"
-            except Exception:
-                continue
-        return "wrong"
-    except TimeoutException:
-        return "timeout"
 
 
 def _ping() -> float:
@@ -129,12 +92,16 @@ class RewardMetrics:
     """The reward server's Prometheus series, registered into the caller's registry."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.grades = Counter("orz_reward_grades", "graded items by verdict", ["verdict"], registry=registry)
-        for verdict in VERDICTS:
-            self.grades.labels(verdict)
+        self.grades = Counter("orz_reward_grades", "graded items by grader (task_type) and verdict",
+                              ["grader", "verdict"], registry=registry)
         self.grade_latency = Histogram(
             "orz_reward_grade_latency_seconds", "time to grade one item, queueing in the pool included",
-            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=registry)
+            ["grader"], buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry)
+        for grader in REGISTRY:
+            self.grade_latency.labels(grader)
+            for verdict in VERDICTS:
+                self.grades.labels(grader, verdict)
         self.request_latency = Histogram(
             "orz_reward_request_latency_seconds", "time to answer one /v1/grade request",
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=registry)
@@ -148,7 +115,7 @@ class RewardMetrics:
         self.pool_restarts = Counter(
             "orz_reward_pool_restarts", "worker pools rebuilt after pebble declared them broken", registry=registry)
         self.in_flight = Gauge("orz_reward_in_flight", "items submitted to the worker pool, not yet graded",
-                               registry=registry)
+                               registry=registry, multiprocess_mode="livesum")
 
 
 class Grader:
@@ -198,28 +165,35 @@ class Grader:
             self._pool.join(timeout=10.0)
             self._pool = None
 
-    async def grade_one(self, item_id: str, response: str, reference: str, truncated: bool) -> GradeResult:
-        """Extracts the answer here, compares it in a worker; never raises for a bad item (verdict `error`)."""
+    async def grade_one(self, item_id: str, response: str, reference: str, truncated: bool,
+                        task_type: str = "math") -> GradeResult:
+        """Extracts the answer here (and compares it here, for cheap graders), or compares it in a worker;
+        never raises for a bad item (verdict `error`)."""
         t0 = time.perf_counter()
-        extracted = extract_answer(response)
+        grader = REGISTRY[task_type]
+        extracted = grader.extract(response)
+        verdict: Verdict | None
         if truncated:
-            verdict: Verdict = "truncated"  # ORZ rewards only rollouts that stopped by themselves
+            verdict = "truncated"  # ORZ rewards only rollouts that stopped by themselves
         elif extracted is None:
             verdict = "no_answer"
-        elif extracted == reference.strip():
-            verdict = "correct"  # identical strings: no need to spend a worker on them
         else:
-            verdict = await self._grade_in_pool(item_id, reference, extracted)
-        self.metrics.grades.labels(verdict).inc()
-        self.metrics.grade_latency.observe(time.perf_counter() - t0)
+            verdict = grader.screen(reference, extracted)
+            if verdict is None and grader.in_pool:
+                verdict = await self._grade_in_pool(item_id, task_type, reference, extracted)
+            elif verdict is None:
+                verdict = grader.compare(reference, extracted, self.math_verify_timeout_s)
+        self.metrics.grades.labels(task_type, verdict).inc()
+        self.metrics.grade_latency.labels(task_type).observe(time.perf_counter() - t0)
         return GradeResult(item_id, 1.0 if verdict == "correct" else 0.0, extracted, verdict)
 
-    async def _grade_in_pool(self, item_id: str, reference: str, extracted: str) -> Verdict:
+    async def _grade_in_pool(self, item_id: str, task_type: str, reference: str, extracted: str) -> Verdict:
         self.in_flight += 1
         self.metrics.in_flight.inc()
         try:
             future = self._live_pool().schedule(
-                grade_math, args=(reference, extracted, self.math_verify_timeout_s), timeout=self.cfg.grade_timeout_s)
+                run_compare, args=(task_type, reference, extracted, self.math_verify_timeout_s),
+                timeout=self.cfg.grade_timeout_s)
             verdict: Verdict = await asyncio.wrap_future(future)
         except FutureTimeoutError:
             self.metrics.worker_restarts.inc()

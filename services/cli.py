@@ -79,9 +79,14 @@ def generator(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt) 
 
 
 @app.command("reward-server")
-def reward_server(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt) -> None:
+def reward_server(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt,
+                  workers: int | None = typer.Option(None, min=1, help="uvicorn worker processes (reward.workers)"),
+                  grader_procs: int | None = typer.Option(
+                      None, min=1, help="grading processes per uvicorn worker (reward.grader_procs)")) -> None:
     """Run the reward server (FastAPI + uvicorn)."""
-    _entry("reward_server.app", "serve")(_setup(config, set_, "reward"))
+    extra = [f"reward.workers={workers}"] if workers else []
+    extra += [f"reward.grader_procs={grader_procs}"] if grader_procs else []
+    _entry("reward_server.app", "serve")(_setup(config, [*(set_ or []), *extra], "reward"))
 
 
 @app.command("make-base-model")

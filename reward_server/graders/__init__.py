@@ -1,0 +1,23 @@
+"""Grader registry, keyed by `task_type`. Adding a grader: one file with a `TaskGrader` subclass, one line here."""
+
+from __future__ import annotations
+
+from reward_server.graders.base import VERDICTS, TaskGrader, Verdict
+from reward_server.graders.choice import ChoiceGrader
+from reward_server.graders.exact import ExactGrader
+from reward_server.graders.math import MathGrader
+from reward_server.graders.numeric import NumericGrader
+
+REGISTRY: dict[str, TaskGrader] = {
+    "math": MathGrader(),
+    "choice": ChoiceGrader(),
+    "numeric": NumericGrader(),
+    "exact": ExactGrader(),
+}
+
+__all__ = ["REGISTRY", "VERDICTS", "TaskGrader", "Verdict"]
+
+
+def run_compare(task_type: str, reference: str, answer: str, timeout_s: int) -> Verdict:
+    """Entry point in a worker process (a module-level function, so the pool can name it)."""
+    return REGISTRY[task_type].compare(reference, answer, timeout_s)
