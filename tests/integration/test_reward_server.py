@@ -24,6 +24,8 @@ from reward_server.app import create_app
 from services.config import RewardConfig
 
 TOWER = "<think>big</think> <answer>\\boxed{9^{9^{9^9}}}</answer>"  # sympy hangs on it (notes §2.4)
+# Passes the cheap screen (a variable, a 4-digit exponent) but sympy needs far more than the 1 s limit on it.
+SLOW = "<think>expand</think> <answer>\\boxed{(x+1)^{1000}}</answer>"
 LIMITS = dict(max_items=8, max_response_chars=20_000, max_reference_chars=100)
 
 
@@ -149,8 +151,8 @@ def test_hanging_item_times_out_while_healthz_answers(client: httpx.Client, serv
 
     def post() -> None:
         t0 = time.perf_counter()
-        with httpx.Client(base_url=server_url, timeout=30.0) as c:  # both workers stuck on a tower
-            outcome["results"] = grade(c, item("h/0", TOWER, "1"), item("h/1", TOWER, "2"))
+        with httpx.Client(base_url=server_url, timeout=30.0) as c:  # both workers stuck in sympy
+            outcome["results"] = grade(c, item("h/0", SLOW, "(x+1)^{1001}"), item("h/1", SLOW, "(x+1)^{999}"))
         outcome["elapsed"] = time.perf_counter() - t0
 
     poster = threading.Thread(target=post)
@@ -166,9 +168,9 @@ def test_hanging_item_times_out_while_healthz_answers(client: httpx.Client, serv
     poster.join()
 
     assert in_flight_seen == 2, "/healthz was never polled while both workers were busy"
-    assert len(health_latencies) >= 5 and max(health_latencies) < 0.5
+    assert len(health_latencies) >= 5 and max(health_latencies) < 0.1, health_latencies
     assert [r["verdict"] for r in outcome["results"]] == ["timeout", "timeout"]
-    assert all(r["reward"] == 0.0 and r["extracted"] == "9^{9^{9^9}}" for r in outcome["results"])
+    assert all(r["reward"] == 0.0 and r["extracted"] == "(x+1)^{1000}" for r in outcome["results"])
     assert 1.0 <= outcome["elapsed"] < 4.0
     assert metric(client, "orz_reward_worker_restarts_total") - restarts_before == 2
     assert metric(client, "orz_reward_timeouts_total") - timeouts_before == 2
@@ -188,10 +190,10 @@ def test_crashed_worker_gives_error_and_server_stays_up() -> None:
         [worker] = _live_children() - before
         # a worker killed while grading: that item answers `error`, pebble forks a replacement
         outcome: dict = {}
-        poster = threading.Thread(target=lambda: outcome.update(results=grade(c, item("c/0", TOWER, "1"))))
+        poster = threading.Thread(target=lambda: outcome.update(results=grade(c, item("c/0", SLOW, "1"))))
         poster.start()
         deadline = time.monotonic() + 5
-        while _state(worker) != "R":  # busy on the tower, not waiting for a task
+        while _state(worker) != "R":  # busy in sympy, not waiting for a task
             assert time.monotonic() < deadline
             time.sleep(0.02)
         time.sleep(0.2)
@@ -257,15 +259,70 @@ def test_bearer_token() -> None:
 def test_metrics_count_verdicts(client: httpx.Client) -> None:
     resp = client.get("/metrics")
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
-    for verdict in ("correct", "wrong", "no_answer", "truncated", "timeout", "error"):
-        assert f'orz_reward_grades_total{{verdict="{verdict}"}}' in resp.text
+    for grader in ("math", "choice", "numeric", "exact"):
+        for verdict in ("correct", "wrong", "no_answer", "truncated", "rejected", "timeout", "error"):
+            assert f'orz_reward_grades_total{{grader="{grader}",verdict="{verdict}"}}' in resp.text
     for name in ("orz_reward_grade_latency_seconds_bucket", "orz_reward_in_flight", "orz_reward_worker_restarts_total"):
         assert name in resp.text
 
-    before = {v: metric(client, "orz_reward_grades_total", verdict=v) for v in ("correct", "wrong", "no_answer")}
-    count_before = metric(client, "orz_reward_grade_latency_seconds_count")
+    before = {v: metric(client, "orz_reward_grades_total", grader="math", verdict=v)
+              for v in ("correct", "wrong", "no_answer")}
+    count_before = metric(client, "orz_reward_grade_latency_seconds_count", grader="math")
     grade(client, item("g/0", HALF, "0.5"), item("g/1", HALF, "0.5"), item("g/2", HALF, "2"), item("g/3", "none", "1"))
-    after = {v: metric(client, "orz_reward_grades_total", verdict=v) for v in before}
+    after = {v: metric(client, "orz_reward_grades_total", grader="math", verdict=v) for v in before}
     assert {v: after[v] - before[v] for v in before} == {"correct": 2, "wrong": 1, "no_answer": 1}
-    assert metric(client, "orz_reward_grade_latency_seconds_count") - count_before == 4
+    assert metric(client, "orz_reward_grade_latency_seconds_count", grader="math") - count_before == 4
     assert metric(client, "orz_reward_in_flight") == 0
+
+
+def _deep(n: int) -> str:
+    return "{" * n + "1" + "}" * n
+
+
+HOSTILE = {  # name: (task_type, response, reference, verdicts allowed)
+    "power_tower": ("math", "<answer>\\boxed{9^{9^{9^9}}}</answer>", "1", {"rejected"}),
+    "tower_of_twos": ("math", "<answer>\\boxed{2^{2^{2^{2^{2^2}}}}}</answer>", "4", {"rejected"}),
+    "huge_factorial": ("math", "<answer>\\boxed{100000!}</answer>", "1", {"rejected"}),
+    "factorial_of_power": ("math", "<answer>\\boxed{(10^{10})!}</answer>", "1", {"rejected"}),
+    "huge_binomial": ("math", "<answer>\\boxed{\\binom{10^9}{10^8}}</answer>", "1", {"rejected"}),
+    "huge_polynomial": ("math", "<answer>\\boxed{(x+1)^{100000}}</answer>", "(x+1)^2", {"rejected"}),
+    "braces_10k_deep": ("math", "<answer>\\boxed{" + _deep(10_000) + "}</answer>", "1", {"no_answer"}),
+    "parens_400_deep": ("math", "<answer>\\boxed{" + "(" * 400 + "1" + ")" * 400 + "}</answer>", "2",
+                        {"wrong", "timeout"}),
+    "one_megabyte": ("math", "blah " * 209_000 + "<answer>\\boxed{42}</answer>", "42", {"correct"}),
+    "one_megabyte_no_answer": ("math", "x" * 1_048_000, "42", {"no_answer"}),
+    "ones_run_in_box": ("math", "<answer>\\boxed{" + "1 " * 490 + "}</answer>", "1", {"wrong", "timeout"}),
+    "ones_run_400k": ("math", "1 " * 400_000, "1", {"no_answer"}),
+    "unclosed_boxes": ("math", "\\boxed{" * 100_000 + "1", "1", {"no_answer"}),
+    "many_boxes": ("math", "\\boxed{1}" * 100_000, "1", {"correct"}),
+    "digits_100k": ("math", "<answer>\\boxed{" + "9" * 100_000 + "}</answer>", "1", {"no_answer"}),
+    "import_payload": ("math", "<answer>\\boxed{__import__('os').system('touch /tmp/orz-pwned')}</answer>", "1",
+                       {"wrong"}),
+    "numeric_digits_1mb": ("numeric", "9" * 1_000_000, "9", {"wrong"}),
+    "numeric_commas": ("numeric", "1," * 400_000 + "1", "1", {"wrong"}),
+    "choice_1mb": ("choice", "answer is " * 100_000 + "(B)", "B", {"correct"}),
+}
+
+
+@pytest.fixture(scope="module")
+def default_limits_url() -> Iterator[str]:
+    with running_server(RewardConfig(grader_procs=2, grade_timeout_s=1.0)) as url:
+        yield url
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_output_is_answered_in_time(name: str, default_limits_url: str) -> None:
+    task_type, response, reference, allowed = HOSTILE[name]
+    with httpx.Client(base_url=default_limits_url, timeout=30.0) as c:
+        t0 = time.perf_counter()
+        resp = c.post("/v1/grade", json={"items": [{"id": name, "response": response, "reference": reference,
+                                                    "task_type": task_type}]})
+        elapsed = time.perf_counter() - t0
+        assert resp.status_code == 200, resp.text[:300]
+        [result] = resp.json()["results"]
+        assert result["verdict"] in allowed, result
+        assert elapsed < 1.0 + 1.0, f"{name} took {elapsed:.2f} s"  # the 1 s limit plus a margin
+        health = c.get("/healthz", timeout=2.0)
+        assert health.status_code == 200 and health.json()["in_flight"] == 0
+        assert grade(c, item("after", HALF, "0.5"))[0]["verdict"] == "correct"
+    assert not Path("/tmp/orz-pwned").exists()
