@@ -339,7 +339,7 @@ class Generator:
         gcfg = self.cfg.generator
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop_event.set())
-        server = MetricsServer(self.metrics.registry, gcfg.metrics_port,
+        server = MetricsServer(self.metrics.registry, gcfg.metrics_port, host=gcfg.metrics_host,
                                health=lambda: {"status": "ok", "id": self.id, "version": self.version})
         log.info("generator %s: metrics on :%d", self.id, server.port)
         self.prompts.ensure_group()

@@ -68,11 +68,21 @@ class LearnerMetrics:
         self.duplicates = Counter("orz_learner_duplicate_groups", "duplicate groups of a consumed task",
                                   registry=r)
         self.step_time = Gauge("orz_learner_step_seconds", "step time split", ["phase"], registry=r)
+        self.backlog = Gauge("orz_learner_queue_backlog", "stream entries not yet delivered to a consumer",
+                             ["stream"], registry=self.registry)
+        self.pending = Gauge("orz_learner_queue_pending", "stream entries delivered, not yet acknowledged",
+                             ["stream"], registry=self.registry)
+        self.redis_memory = Gauge("orz_learner_redis_used_memory_bytes", "Redis used_memory (INFO memory)",
+                                  registry=self.registry)
+        self.redis_maxmemory = Gauge("orz_learner_redis_maxmemory_bytes", "Redis maxmemory (0: no limit)",
+                                     registry=self.registry)
         self.last_step_ts = Gauge("orz_learner_last_step_timestamp_seconds", "time of the last step", registry=r)
 
 
 class Learner:
-    def __init__(self, cfg: Config, resume: bool = False) -> None:
+    def __init__(self, cfg: Config, resume: bool | str = False) -> None:
+        """`resume`: True continues from the newest checkpoint (which must exist); "auto" does so when one
+        exists and starts fresh otherwise (a restarted Kubernetes pod)."""
         self.cfg = cfg
         lc = cfg.learner
         self.dp = parallel.init_from_env()
@@ -87,8 +97,11 @@ class Learner:
         self.resume_state: dict | None = None
         if resume:
             self.resume_from = ckpt.latest(self.ckpt_root)
-            if self.resume_from is None:
+            if self.resume_from is None and resume != "auto":
                 raise FileNotFoundError(f"--resume: no complete checkpoint under {self.ckpt_root}")
+            if self.resume_from is None:
+                log.info("--auto-resume: no checkpoint under %s yet; starting fresh", self.ckpt_root)
+        if self.resume_from is not None:
             self.resume_state = ckpt.read_state(self.resume_from)
             self.version, self.step = int(self.resume_state["version"]), int(self.resume_state["step"])
 
@@ -257,7 +270,7 @@ class Learner:
         lc = self.cfg.learner
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop_event.set())
-        server = MetricsServer(self.metrics.registry, lc.metrics_port,
+        server = MetricsServer(self.metrics.registry, lc.metrics_port, host=lc.metrics_host,
                                health=lambda: {"status": "ok", "version": self.version, "step": self.step})
         log.info("learner: metrics on :%d, run dir %s, %s advantages, %d rank(s)", server.port, self.run_path,
                  lc.advantage, self.dp.world)
@@ -398,6 +411,27 @@ class Learner:
         for phase in ("wait_s", "train_s", "broadcast_s", "step_time_s"):
             m.step_time.labels(phase=phase.removesuffix("_s")).set(r[phase])
         m.last_step_ts.set(time.time())
+        self._export_queues()
+
+    def _export_queues(self) -> None:
+        """Queue depths (what generator autoscaling keys on) and Redis memory; best effort."""
+        m = self.metrics
+        try:
+            for name, key, group in (("prompts", self.keys.prompts, "generators"),
+                                     ("trajectories", self.keys.trajectories, TRAJECTORY_GROUP)):
+                info = next((g for g in self.redis.xinfo_groups(key) if _text(g["name"]) == group), None)
+                if info is not None:
+                    m.backlog.labels(stream=name).set(info.get("lag") or 0)
+                    m.pending.labels(stream=name).set(info["pending"])
+            mem = self.redis.info("memory")
+            m.redis_memory.set(mem["used_memory"])
+            m.redis_maxmemory.set(mem.get("maxmemory", 0))
+        except Exception as exc:  # metrics must never stop training
+            log.debug("queue metrics unavailable: %s", exc)
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _json_safe(value):
@@ -411,5 +445,5 @@ def _json_safe(value):
     return value
 
 
-def run(cfg: Config, resume: bool = False) -> None:
+def run(cfg: Config, resume: bool | str = False) -> None:
     Learner(cfg, resume).run()

@@ -67,9 +67,31 @@ def up(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt,
 
 @app.command()
 def learner(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt,
-            resume: bool = typer.Option(False, help="continue from the newest complete checkpoint")) -> None:
+            resume: bool = typer.Option(False, help="continue from the newest complete checkpoint"),
+            auto_resume: bool = typer.Option(
+                False, help="continue from the newest checkpoint if there is one, else start fresh (for "
+                "restarted pods)")) -> None:
     """Run the learner (feeder + PPO + weight broadcast); under torchrun, one data-parallel rank of it."""
-    _entry("learner.main")(_setup(config, set_, "learner"), resume)
+    _entry("learner.main")(_setup(config, set_, "learner"), "auto" if auto_resume else resume)
+
+
+@app.command()
+def health(url: str = typer.Option(
+        None, envvar="ORZ_HEALTH_URL", help="the /healthz URL to check (default http://127.0.0.1:8600/healthz)"),
+        timeout_s: float = typer.Option(3.0, help="seconds to wait for the answer")) -> None:
+    """Exit 0 when a process answers its /healthz with 200 (container health checks)."""
+    import httpx
+
+    target = url or "http://127.0.0.1:8600/healthz"
+    try:
+        resp = httpx.get(target, timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        typer.secho(f"unhealthy: {target}: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    if resp.status_code != 200:
+        typer.secho(f"unhealthy: {target} answered {resp.status_code}", fg="red", err=True)
+        raise typer.Exit(1)
+    typer.echo(resp.text)
 
 
 @app.command()

@@ -105,7 +105,8 @@ class GeneratorConfig(_Section):
         "(AReaL)")
     heartbeat_s: float = Field(2.0, description="generator heartbeat period in Redis; 3 missed beats drop it from "
                                "the weight-sync group")
-    metrics_port: int = Field(0, description="0 picks a free port")
+    metrics_port: int = Field(0, description="/metrics and /healthz port; 0 picks a free port")
+    metrics_host: str = Field("127.0.0.1", description="/metrics and /healthz bind address (0.0.0.0 in containers)")
 
 
 class LearnerConfig(_Section):
@@ -146,7 +147,8 @@ class LearnerConfig(_Section):
     num_processes: int = Field(
         1, description="data-parallel learner ranks `orz up` starts with torchrun (FSDP2; gloo on CPU, nccl on GPU)")
     threads: int = Field(1, description="torch CPU threads (per rank)")
-    metrics_port: int = Field(0, description="0 picks a free port")
+    metrics_port: int = Field(0, description="/metrics and /healthz port; 0 picks a free port")
+    metrics_host: str = Field("127.0.0.1", description="/metrics and /healthz bind address (0.0.0.0 in containers)")
     wait_timeout_s: float = Field(600.0, description="give up if no trajectory arrives for this long")
 
 
