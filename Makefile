@@ -23,6 +23,8 @@ venv: $(VENV)/.installed
 
 system-deps:
 	@command -v redis-server >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server)
+	@command -v promtool >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus)
+	@command -v kubectl >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq kubernetes-client)
 
 base-model: venv
 	$(VENV)/bin/orz make-base-model --config $(CONFIG)
