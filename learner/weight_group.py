@@ -42,6 +42,7 @@ class WeightGroup:
         self.sender: WeightSender | None = None
         self.sent_version = -1
         self.formations = 0
+        self._attempt = 0  # groups tried so far (formed or not)
         self._failed: tuple[tuple[str, ...], float] | None = None  # members that did not join, and when
 
     def live(self) -> tuple[str, ...]:
@@ -83,7 +84,10 @@ class WeightGroup:
         if not live:
             return
         ws = self.cfg.weight_sync
-        port = ws.port or free_port(ws.host)
+        # A new group never reuses the previous group's port: a generator re-joining at once could reach the
+        # old store while it shuts down. A fixed `port` (firewalls, Kubernetes) cycles through a range.
+        self._attempt += 1
+        port = ws.port + self._attempt % ws.port_span if ws.port else free_port(ws.host)
         ann = WeightsAnnouncement(
             rendezvous=f"tcp://{ws.host}:{port}", world_size=1 + len(live), backend=resolve_backend(ws.backend),
             names=self.names, shapes=self.shapes, dtype="float32", bucket_bytes=ws.bucket_mb * 2**20,
@@ -104,8 +108,8 @@ class WeightGroup:
         self.sender, self.members, self.sent_version = sender, live, -1
         self._failed = None
         self.formations += 1
-        log.info("weight-sync group %d formed with %d generator(s) %s in %.2f s", self.formations, len(live),
-                 list(live), time.time() - t0)
+        log.info("weight-sync group %d formed at %s with %d generator(s) %s in %.2f s", self.formations,
+                 ann.rendezvous, len(live), list(live), time.time() - t0)
 
     def _close(self) -> None:
         """Leaves the current group; its members (if still listening) go and wait for the next announcement."""

@@ -155,7 +155,9 @@ class LearnerConfig(_Section):
 class WeightSyncConfig(_Section):
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl with CUDA, else gloo")
     host: str = Field("127.0.0.1", description="address generators use to reach the learner")
-    port: int = Field(0, description="rendezvous port; 0 lets the learner pick a free one")
+    port: int = Field(0, description="rendezvous port; 0 lets the learner pick a free one per group, else groups "
+                      "cycle through port … port + port_span − 1")
+    port_span: int = Field(16, ge=2, description="ports a fixed `port` cycles through, one per new group")
     bucket_mb: int = Field(256, description="flat broadcast bucket size")
     timeout_s: float = Field(
         60.0, description="forming a group and each collective; a member that neither joins nor answers is dropped")

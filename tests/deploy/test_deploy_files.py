@@ -93,7 +93,9 @@ def test_compose_services_match_the_cli_and_the_config() -> None:
             _check_env_name(var)
     assert services["reward-server"]["expose"] == [str(CFG.reward.port)]
     for name in ("learner", "learner-gpu"):
-        assert set(services[name]["expose"]) == {str(CFG.learner.metrics_port), str(CFG.weight_sync.port)}
+        ws = CFG.weight_sync
+        assert set(services[name]["expose"]) == {str(CFG.learner.metrics_port),
+                                                  f"{ws.port}-{ws.port + ws.port_span - 1}"}
     assert CFG.weight_sync.host == "learner" and services["learner"]["hostname"] == "learner"
     assert services["learner-gpu"]["networks"]["default"]["aliases"] == ["learner"]
     for name in ("generator", "generator-gpu"):

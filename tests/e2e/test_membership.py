@@ -21,7 +21,8 @@ import pytest
 
 from services.config import Config, config_to_env, load_config
 from services.metrics import free_port
-from services.redis_server import EmbeddedRedis
+from services.queue import GENERATOR_GROUP, Keys
+from services.redis_server import EmbeddedRedis, connect
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 30
@@ -81,7 +82,8 @@ def test_generator_dies_and_another_joins(tmp_path: Path) -> None:
             # weight_wait_s 0: prompts start at once rather than waiting for their feed version's weights, so
             # that weight updates land mid-sequence (the keep-mode assertion at the end).
             "generator": {"heartbeat_s": 1.0, "weight_update_mode": "keep", "weight_wait_s": 0.0},
-            "weight_sync": {"timeout_s": 20},
+            # a fixed rendezvous port, as deployments use: each re-formed group takes the next one of 16
+            "weight_sync": {"timeout_s": 20, "port": free_port()},
         })
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("ORZ__")}, **config_to_env(cfg)}
         logs = tmp_path / "logs"
@@ -98,9 +100,22 @@ def test_generator_dies_and_another_joins(tmp_path: Path) -> None:
         id_a = f"-{gen_a.p.pid}"
 
         _wait("3 steps", lambda: len(_records(run)) >= 3, 300, procs)
-        # SIGKILL A while it holds prompts (continuous batching keeps its engine busy in steady state).
-        _wait("gen-a to hold prompts", lambda: "prompts in the engine" in gen_a.text() or len(_records(run)) >= 4,
-              60, procs)
+        # SIGKILL A while it holds prompts: freeze it, check in Redis that prompts are pending on it (delivered,
+        # not acknowledged), and kill it frozen; if it holds none at that instant, let it run a moment and retry.
+        client = connect(redis.url)
+        keys = Keys(cfg.namespace)
+
+        def a_frozen_holding_prompts() -> bool:
+            gen_a.p.send_signal(signal.SIGSTOP)
+            consumers = client.xinfo_consumers(keys.prompts, GENERATOR_GROUP)
+            names = {(c["name"].decode() if isinstance(c["name"], bytes) else c["name"]): c["pending"]
+                     for c in consumers}
+            if any(name.endswith(id_a) and pending > 0 for name, pending in names.items()):
+                return True
+            gen_a.p.send_signal(signal.SIGCONT)
+            return False
+
+        _wait("gen-a to hold prompts", a_frozen_holding_prompts, 120, procs)
         gen_a.p.send_signal(signal.SIGKILL)
         gen_a.p.wait(10)
         killed_at = len(_records(run))
