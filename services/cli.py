@@ -143,11 +143,35 @@ def plot(runs: list[Path] = typer.Argument(..., help="run directories (each with
 
 
 @app.command("eval")
-def eval_(model: list[Path] = typer.Option(..., "--model", "-m", help="HF model directory (repeatable)"),
+def eval_(model: list[Path] | None = typer.Option(None, "--model", "-m", help="HF model directory (repeatable)"),
           config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt,
+          bench: str | None = typer.Option(
+              None, help="comma-separated benchmarks from data/: math500, aime2024, gpqa_diamond, gsm8k, amc23 "
+              "(default: the toy task's held-out problems)"),
+          n: int = typer.Option(4, help="--bench: samples per problem (ORZ: 16)"),
+          k: str = typer.Option("1", help="--bench: comma-separated k for pass@k (k <= n)"),
+          limit: int | None = typer.Option(None, help="--bench: the first N problems of each benchmark"),
+          template: str = typer.Option("orz_base", help="--bench: prompt template (templates/ name or a path)"),
+          oracle: bool = typer.Option(False, help="--bench: answer with the gold answers (checks the scoring path)"),
           out: Path | None = typer.Option(None, help="write results as JSON here")) -> None:
-    """Accuracy on the held-out problems, graded by the reward server at reward.url."""
+    """Accuracy of models: on the toy task's held-out problems, or with --bench on real benchmarks (a table
+    of pass@1, pass@k, mean length and truncation rate per benchmark, and JSON with --out)."""
     cfg = _setup(config, set_, "eval")
+    if bench:
+        from services.datasets import DataError
+
+        ks = sorted({int(x) for x in k.split(",")})
+        try:
+            _entry("generator.bench_eval", "evaluate_benches")(
+                cfg, model[0] if model else None, [b.strip() for b in bench.split(",") if b.strip()], n=n, ks=ks,
+                limit=limit, template_name=template, oracle=oracle, out=out)
+        except (DataError, ValueError) as exc:
+            typer.secho(f"eval error: {exc}", fg="red", err=True)
+            raise typer.Exit(2) from None
+        return
+    if not model:
+        typer.secho("eval error: --model is required", fg="red", err=True)
+        raise typer.Exit(2)
     results = _entry("generator.evaluate", "evaluate")(cfg, model, out)
     for name, r in results.items():
         typer.echo(f"{name}: accuracy {r['accuracy']:.3f}")
