@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from pathlib import Path
 from typing import TextIO
 
 from services.config import Config
+from services.datasets import load, render, template
 from services.protocol import PromptTask, SamplingParams
 from services.queue import StreamQueue
 from services.tasks import all_problems, split, train_stream
+
+log = logging.getLogger("orz.feeder")
 
 
 class Feeder:
@@ -32,9 +36,8 @@ class Feeder:
         self.cfg = cfg
         self.queue = queue
         self.tokenizer = tokenizer
-        train, _ = split(all_problems(tc.min_terms, tc.max_terms, tc.max_operand))
-        self._train = train
-        self._stream = train_stream(train, tc.seed)
+        self._train = training_items(cfg)
+        self._stream = train_stream(self._train, tc.seed)
         s = cfg.sampling
         self.sampling = SamplingParams(s.temperature, s.top_p, s.max_tokens, tuple(s.stop))
         self.fed = 0  # problems taken from the stream (the cursor)
@@ -55,14 +58,23 @@ class Feeder:
             return PromptTask(task_id=old.task_id, prompt=old.prompt, reference=old.reference,
                               task_type=old.task_type, n_samples=old.n_samples, sampling=old.sampling,
                               feed_version=version, prompt_ids=old.prompt_ids), True
-        problem = next(self._stream)
+        skipped = 0
+        while True:
+            task_id, prompt, reference = next(self._stream)
+            self.fed += 1
+            ids = tuple(self.tokenizer.encode(prompt, add_special_tokens=False))
+            if self.cfg.task.kind == "toy_arith" or len(ids) <= self.cfg.task.max_prompt_tokens:
+                break
+            log.warning("skipped %s: prompt of %d tokens is over task.max_prompt_tokens", task_id, len(ids))
+            skipped += 1
+            if skipped >= len(self._train):
+                raise ValueError(f"every training prompt is over task.max_prompt_tokens "
+                                 f"({self.cfg.task.max_prompt_tokens}); raise it or shorten the template")
         task = PromptTask(
-            task_id=f"{self.fed:08d}:{problem.task_id}", prompt=problem.prompt, reference=str(problem.answer),
+            task_id=f"{self.fed - 1:08d}:{task_id}", prompt=prompt, reference=reference,
             task_type=self.cfg.task.task_type, n_samples=self.cfg.learner.n_samples, sampling=self.sampling,
-            feed_version=version,
-            prompt_ids=tuple(self.tokenizer.encode(problem.prompt, add_special_tokens=False)),
+            feed_version=version, prompt_ids=ids,
         )
-        self.fed += 1
         return task, False
 
     def top_up(self, version: int) -> int:
@@ -112,3 +124,22 @@ class Feeder:
 
     def close(self) -> None:
         self._ledger.close()
+
+
+def training_items(cfg: Config) -> list[tuple[str, str, str]]:
+    """(task id, prompt, reference) of every training problem: the toy task's, or the dataset files'."""
+    tc = cfg.task
+    if tc.kind == "toy_arith":
+        train, _ = split(all_problems(tc.min_terms, tc.max_terms, tc.max_operand))
+        return [(p.task_id, p.prompt, str(p.answer)) for p in train]
+    if not tc.train_files:
+        raise ValueError("task.kind is dataset but task.train_files is empty")
+    text = template(tc.template)
+    items = []
+    for path in tc.train_files:
+        records = load(Path(path).expanduser(), tc.format, question_field=tc.question_field,
+                       answer_field=tc.answer_field, on_bad=tc.on_bad_record)
+        items += [(r.task_id, render(text, r.question), r.answer) for r in records]
+        log.info("training data: %d problems from %s", len(records), path)
+    return items
+

@@ -45,7 +45,17 @@ class ModelConfig(_Section):
 
 
 class TaskConfig(_Section):
-    kind: Literal["toy_arith"] = Field("toy_arith", description="prompt source (the synthetic arithmetic task)")
+    kind: Literal["toy_arith", "dataset"] = Field(
+        "toy_arith", description="prompt source: the synthetic arithmetic task, or `train_files`")
+    train_files: list[str] = Field(default_factory=list, description="dataset: training files (ORZ's "
+                                   "orz_math_57k_collected.json etc., or JSONL), concatenated")
+    format: Literal["orz", "orz_eval", "jsonl"] = Field("orz", description="dataset: the files' format")
+    question_field: str = Field("question", description="dataset, jsonl: the question's field")
+    answer_field: str = Field("answer", description="dataset, jsonl: the reference answer's field")
+    template: str = Field("orz_base", description="dataset: prompt template (templates/ name or a path)")
+    on_bad_record: Literal["skip", "reject"] = Field(
+        "skip", description="dataset: a malformed record is logged with file:line and skipped, or stops the run")
+    max_prompt_tokens: int = Field(2048, description="dataset: longer prompts are skipped (ORZ: 2k)")
     seed: int = Field(1234, description="seed of the prompt order and the evaluation sample")
     min_terms: int = Field(2, description="fewest numbers in a problem")
     max_terms: int = Field(3, description="most numbers in a problem")
@@ -97,6 +107,7 @@ class GeneratorConfig(_Section):
     max_model_len: int = Field(256, description="prompt + response token limit of the engine")
     threads: int = Field(1, description="CPU threads per engine")
     max_num_seqs: int = Field(256, description="transformers backend: most samples decoded together in one batch")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs per generator (tensor parallel)")
     seed: int = Field(0, description="engine seed (the process id is added)")
     weight_wait_s: float = Field(
         5.0, description="longest wait for the weights of a prompt's feed version before sampling it anyway")

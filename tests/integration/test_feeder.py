@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from transformers import PreTrainedTokenizerFast
 
 from learner.base_model import train_tokenizer
 from learner.feeder import Feeder
 from services.config import Config
+from services.datasets import DataError
 from services.protocol import PromptTask
 from services.queue import Keys, StreamQueue
 from services.redis_server import connect
@@ -91,3 +93,41 @@ def test_restore_feeds_inflight_prompts_again_then_continues_the_stream(redis_ur
     assert events == ["refed"] * 3 + ["fed"] * 3
     for f in (reference, first, resumed):
         f.close()
+
+
+def test_feeds_a_dataset_in_orz_format_through_the_template(redis_url: str, tmp_path: Path) -> None:
+    data = tmp_path / "orz_math_57k_collected.json"
+    long_question = "1+" * 400 + "1"
+
+    def dialogue(question: str, answer: str) -> list[dict]:
+        return [{"from": "human", "value": question}, {"from": "assistant", "ground_truth": {"value": answer}}]
+
+    items: list = [dialogue(f"What is {i}+{i}?", str(2 * i)) for i in range(5)]
+    items.insert(2, dialogue(long_question, "401"))
+    items.insert(4, {"bad": "record"})
+    data.write_text(json.dumps(items))
+    cfg = Config.model_validate({
+        "run_name": "feed-ds", "learner": {"batch_prompts": 2, "max_staleness": 1},
+        "task": {"kind": "dataset", "train_files": [str(data)], "format": "orz", "template": "orz_base",
+                 "max_prompt_tokens": 600}})  # the template is ~420 tokens with this tokenizer
+    client = connect(redis_url)
+    keys = Keys(cfg.namespace)
+    queue = StreamQueue(client, keys.prompts, "generators", PromptTask, keys.dead)
+    queue.ensure_group()
+    feeder = Feeder(cfg, queue, _tokenizer(), tmp_path / "tasks.jsonl")
+    assert len(feeder._train) == 6  # the bad record skipped (and logged with its line)
+    assert feeder.top_up(version=0) == 4
+    tasks = [t for _, t in queue.read("g", 10, 100)]
+    seen = {t.prompt.split("This is the problem:\n")[1].split("\nAssistant:")[0]: t for t in tasks}
+    assert long_question not in seen  # over max_prompt_tokens: skipped, not fed
+    assert all(t.prompt.startswith("A conversation between User and Assistant.") for t in tasks)
+    assert all(t.prompt.endswith("Assistant: <think>") and t.prompt_ids for t in tasks)
+    for question, t in seen.items():
+        i = int(question.split()[2].split("+")[0])
+        assert t.reference == str(2 * i) and t.task_type == "math"
+    with pytest.raises(DataError, match="orz_math_57k_collected.json:1"):
+        Feeder(cfg.model_copy(update={"task": cfg.task.model_copy(update={"on_bad_record": "reject"})}), queue,
+               _tokenizer(), tmp_path / "tasks2.jsonl")
+    too_small = cfg.model_copy(update={"task": cfg.task.model_copy(update={"max_prompt_tokens": 100})})
+    with pytest.raises(ValueError, match="every training prompt is over task.max_prompt_tokens"):
+        Feeder(too_small, queue, _tokenizer(), tmp_path / "tasks3.jsonl").top_up(version=0)
