@@ -45,7 +45,7 @@ def _prepare_environment(threads: int) -> None:
 
 class VllmEngine:
     def __init__(self, model_path: str | Path, *, dtype: str = "float32", max_model_len: int = 256,
-                 kv_cache_mb: int = 64, seed: int = 0, threads: int = 1) -> None:
+                 kv_cache_mb: int = 64, seed: int = 0, threads: int = 1, tensor_parallel_size: int = 1) -> None:
         _prepare_environment(threads)
         from vllm import LLM  # imported late: 8–11 s, and only generator processes need it
 
@@ -53,6 +53,7 @@ class VllmEngine:
         self.llm = LLM(
             model=str(model_path), dtype=dtype, max_model_len=max_model_len, enforce_eager=True,
             kv_cache_memory_bytes=kv_cache_mb * 2**20, seed=seed, enable_prefix_caching=True,
+            tensor_parallel_size=tensor_parallel_size,
         )
         log.info("vLLM engine up in %.1f s (%s)", time.time() - t0, model_path)
 
@@ -137,7 +138,7 @@ def make_engine(gc, model_path: str | Path, *, seed: int):
     """The engine `generator.backend` names, with the generator section's settings."""
     if gc.backend == "vllm":
         return VllmEngine(model_path, dtype=gc.dtype, max_model_len=gc.max_model_len, kv_cache_mb=gc.kv_cache_mb,
-                          seed=seed, threads=gc.threads)
+                          seed=seed, threads=gc.threads, tensor_parallel_size=gc.tensor_parallel_size)
     if gc.backend == "transformers":
         from generator.hf_engine import TransformersEngine
 
