@@ -75,7 +75,7 @@ class TransformersEngine:
         self.mask: torch.Tensor | None = None  # attention mask over prompt + generated positions
         self.next_pos: torch.Tensor | None = None  # position id of each row's next token
         self.logits: torch.Tensor | None = None  # each row's logits for its next token
-        self._params = dict(self.model.named_parameters())
+        self._params = dict(self.model.state_dict(keep_vars=True))  # tied weights under both names
         log.info("transformers engine up in %.1f s (%s)", time.time() - t0, model_path)
 
     # --- the VllmEngine interface ---------------------------------------------------------------------

@@ -27,14 +27,23 @@ def plot_curves(history: list[dict], out: Path) -> None:
 
 
 def plot_comparison(runs: dict[str, list[dict]], out: Path, window: int = 5) -> None:
-    """Several runs' reward and response length on shared axes (e.g. PPO-GAE against GRPO), each with a
-    `window`-step moving average over its raw per-step values."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    panels = (("reward_mean", "mean train reward"), ("response_len_mean", "response length (tokens)"))
+    """Several runs on shared axes (e.g. PPO-GAE against GRPO, or max_staleness 0/2/4): train reward,
+    held-out accuracy (the in-training evaluation, `learner.eval_every`; the panel is left out when no run
+    has one), response length and mean staleness per step. Per-step values are drawn thin, a `window`-step
+    moving average thick."""
+    panels = [("reward_mean", "mean train reward"), ("eval_accuracy", "held-out accuracy"),
+              ("response_len_mean", "response length (tokens)"), ("staleness_mean", "staleness (versions)")]
+    panels = [(k, t) for k, t in panels if any(r.get(k) is not None for h in runs.values() for r in h)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8))
     for ax, (key, title) in zip(axes, panels):
         for label, history in runs.items():
-            steps = [r["step"] for r in history]
-            values = [r[key] for r in history]
+            points = [(r["step"], r[key]) for r in history if r.get(key) is not None]
+            if not points:
+                continue
+            steps, values = [p[0] for p in points], [p[1] for p in points]
+            if key == "eval_accuracy":  # sparse: every eval_every steps, drawn as measured
+                ax.plot(steps, values, marker="o", markersize=3, linewidth=1.6, label=label)
+                continue
             smooth = [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
                       for i in range(len(values))]
             (line,) = ax.plot(steps, smooth, linewidth=1.6, label=label)

@@ -161,6 +161,11 @@ class LearnerConfig(_Section):
     metrics_port: int = Field(0, description="/metrics and /healthz port; 0 picks a free port")
     metrics_host: str = Field("127.0.0.1", description="/metrics and /healthz bind address (0.0.0.0 in containers)")
     wait_timeout_s: float = Field(600.0, description="give up if no trajectory arrives for this long")
+    eval_every: int = Field(0, description="evaluate the policy every this many steps (0: never), recorded as "
+                            "eval_accuracy in metrics.jsonl and orz_learner_eval_accuracy")
+    eval_bench: str = Field("", description="in-training evaluation set: empty for the toy task's held-out "
+                            "problems, or a benchmark of data/ (math500, gsm8k, …)")
+    eval_size: int = Field(64, description="problems of the in-training evaluation set")
 
 
 class WeightSyncConfig(_Section):

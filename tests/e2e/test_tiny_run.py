@@ -31,7 +31,8 @@ def test_tiny_run_learns(tmp_path: Path, advantage: str, backend: str) -> None:
     run_dir = tmp_path / "runs"
     cmd = [sys.executable, "-m", "services.cli", "up", "--config", str(ROOT / "configs" / "tiny.yaml"),
            "--set", f"run_dir={run_dir}", "--set", "run_name=e2e", "--set", f"learner.total_steps={STEPS}",
-           "--set", f"learner.advantage={advantage}", "--set", f"generator.backend={backend}"]
+           "--set", f"learner.advantage={advantage}", "--set", f"generator.backend={backend}",
+           "--set", f"learner.eval_every={STEPS // 2}"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORZ__")}
     t0 = time.time()
     proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400)
@@ -78,6 +79,10 @@ def test_tiny_run_learns(tmp_path: Path, advantage: str, backend: str) -> None:
     print("summary:", json.dumps(summary, indent=1))
     assert 0.05 <= summary["base_accuracy"] <= 0.5
     assert summary["trained_accuracy"] > summary["base_accuracy"] + 0.1
+    # The in-training evaluation ran at mid-run and at the end, on the current weights.
+    evals = {r["step"]: r["eval_accuracy"] for r in records if r.get("eval_accuracy") is not None}
+    assert set(evals) == {STEPS // 2, STEPS}, evals
+    assert evals[STEPS] > summary["base_accuracy"] + 0.1
     assert (run / "curves.png").stat().st_size > 10_000
     assert (run / "checkpoints" / "final" / "model.safetensors").exists()
     assert (run / "checkpoints" / "final" / "critic").exists() == (advantage == "gae")
