@@ -22,11 +22,10 @@ from pathlib import Path
 
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import httpx  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from services.config import config_to_env, load_config  # noqa: E402
-from services.metrics import free_port  # noqa: E402
+from services.metrics import free_port, wait_healthy  # noqa: E402
 from services.protocol import PromptTask, SamplingParams, TrajectoryGroup  # noqa: E402
 from services.queue import Keys, StreamQueue  # noqa: E402
 from services.redis_server import EmbeddedRedis, connect  # noqa: E402
@@ -63,16 +62,7 @@ def system_tokens_per_s(cfg, tasks: list[PromptTask], timeout_s: float) -> dict:
         try:
             children.append(subprocess.Popen([sys.executable, "-m", "services.cli", "reward-server"], env=env,
                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            deadline = time.time() + 60
-            while True:
-                try:
-                    if httpx.get(f"{cfg.reward.url}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.time() > deadline:
-                    raise RuntimeError("reward server did not start")
-                time.sleep(0.2)
+            wait_healthy(cfg.reward.url, 60, children[-1], "the reward server")
             for task in tasks:
                 prompts.add(task)
             children.append(subprocess.Popen([sys.executable, "-m", "services.cli", "generator"], env=env,

@@ -34,20 +34,16 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import httpx  # noqa: E402
 from pebble import ProcessPool  # noqa: E402
 
-from reward_server.graders import REGISTRY  # noqa: E402
+from reward_server.graders import grade_sync  # noqa: E402
 from reward_server.grading import _warm_up  # noqa: E402
-from services.metrics import free_port  # noqa: E402
+from services.metrics import free_port, wait_healthy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 5
 
 
 def grade_item(task_type: str, response: str, reference: str) -> str:
-    grader = REGISTRY[task_type]
-    answer = grader.extract(response)
-    if answer is None:
-        return "no_answer"
-    return grader.screen(reference, answer) or grader.compare(reference, answer, TIMEOUT_S)
+    return grade_sync(task_type, response, reference, TIMEOUT_S)
 
 
 def _respond(answer: str) -> str:
@@ -101,16 +97,7 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", "reward-server", "--grader-procs",
                                       str(procs), "--set", f"reward.port={self.port}"], cwd=ROOT, env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("reward server did not start")
-            time.sleep(0.2)
+        wait_healthy(self.url, 60, self.proc, "the reward server")
 
     def close(self) -> None:
         self.proc.terminate()

@@ -24,14 +24,13 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 from rich.console import Console
 from rich.table import Table
 
 from generator.reward_client import GradeItem, RewardClient
 from services.config import Config, config_to_env
 from services.datasets import bench_records, render, template
-from services.metrics import free_port
+from services.metrics import free_port, wait_healthy
 from services.protocol import SamplingParams
 
 log = logging.getLogger("orz.eval")
@@ -57,18 +56,7 @@ def reward_server(cfg: Config):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the local reward server exited with {proc.returncode}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("the local reward server did not start in 120 s")
-            time.sleep(0.2)
+        wait_healthy(url, 120, proc, "the local reward server")
         yield url
     finally:
         proc.terminate()

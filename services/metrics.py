@@ -8,11 +8,31 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+
+def wait_healthy(base_url: str, timeout_s: float, proc: subprocess.Popen | None = None,
+                 what: str = "the server") -> None:
+    """Polls `base_url`/healthz until it answers 200; raises if `proc` exits or `timeout_s` passes first."""
+    deadline = time.time() + timeout_s
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            raise RuntimeError(f"{what} did not start in {timeout_s:.0f} s")
+        time.sleep(0.2)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -15,18 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from reward_server.graders import REGISTRY
+from reward_server.graders import grade_sync
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 TIMEOUT_S = 5
 
 
 def grade(task_type: str, response: str, reference: str) -> str:
-    grader = REGISTRY[task_type]
-    answer = grader.extract(response)
-    if answer is None:
-        return "no_answer"
-    return grader.screen(reference, answer) or grader.compare(reference, answer, TIMEOUT_S)
+    return grade_sync(task_type, response, reference, TIMEOUT_S)
 
 
 def as_response(answer: str) -> str:
