@@ -25,13 +25,17 @@ _BIG_EXPONENT = re.compile(r"(?:\^|\*\*)\s*[{(]?\s*-?\d{5}")
 _BIG_FACTORIAL = re.compile(r"\d{4}\s*!|[})]\s*!")
 _BIG_SCIENTIFIC = re.compile(r"\d[eE][+-]?\d{4}")
 _BIG_BINOMIAL = re.compile(r"\\binom\s*\{[^{}]*(?:\d{5}|\^)")
+# A degenerate "1 1 1 …" run: math-verify's number regexes are super-linear on it (notes §2.4), and a parse
+# cut short by its alarm can fall back to a lone number — observed grading a boxed run of 490 ones as
+# `correct` against "1" on a loaded machine. No real answer has 50 numbers in a row separated by spaces.
+_NUMBER_RUN = re.compile(r"(?:\d+[ \t]+){49}\d")
 
 
 def too_costly(answer: str) -> bool:
     """True for answers that only a hostile or degenerate model writes and sympy cannot evaluate in time."""
     if _BIG_EXPONENT.search(answer) or _BIG_FACTORIAL.search(answer) or _BIG_SCIENTIFIC.search(answer):
         return True
-    if _BIG_BINOMIAL.search(answer):
+    if _BIG_BINOMIAL.search(answer) or _NUMBER_RUN.search(answer):
         return True
     # A tower of numbers (`9^{9^{9^9}}`); with a variable in it (`e^{x^2}`) sympy keeps it symbolic.
     return bool(_TOWER.search(answer)) and not re.search(r"[A-Za-z]", _LATEX_COMMAND.sub("", answer))

@@ -291,7 +291,9 @@ HOSTILE = {  # name: (task_type, response, reference, verdicts allowed)
                         {"wrong", "timeout"}),
     "one_megabyte": ("math", "blah " * 209_000 + "<answer>\\boxed{42}</answer>", "42", {"correct"}),
     "one_megabyte_no_answer": ("math", "x" * 1_048_000, "42", {"no_answer"}),
-    "ones_run_in_box": ("math", "<answer>\\boxed{" + "1 " * 490 + "}</answer>", "1", {"wrong", "timeout"}),
+    # refused before math-verify: a slow parse of it once fell back to a lone "1" and graded it correct
+    "ones_run_in_box": ("math", "<answer>\\boxed{" + "1 " * 490 + "}</answer>", "1", {"rejected"}),
+    "ones_run_49": ("math", "<answer>\\boxed{" + "1 " * 49 + "}</answer>", "2", {"wrong", "timeout"}),
     "ones_run_400k": ("math", "1 " * 400_000, "1", {"no_answer"}),
     "unclosed_boxes": ("math", "\\boxed{" * 100_000 + "1", "1", {"no_answer"}),
     "many_boxes": ("math", "\\boxed{1}" * 100_000, "1", {"correct"}),
