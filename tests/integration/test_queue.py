@@ -164,14 +164,14 @@ def test_reclaim_respects_count_and_skips_bad_entries(prompts: StreamQueue[Promp
 
 def test_bad_entries_go_to_dead_letters_and_good_ones_flow_in_order(prompts: StreamQueue[PromptTask]) -> None:
     r = prompts.client
-    wrong_version = msgpack.packb({"v": 2, "t": "PromptTask", "d": {}})
+    wrong_version = msgpack.packb({"v": 99, "t": "PromptTask", "d": {}})
     good_ids = [prompts.add(task(0))]
     bad = {
         r.xadd(KEYS.prompts, {"m": b"\xc1\x00garbage"}): ("undecodable msgpack", b"\xc1\x00garbage"),
         r.xadd(KEYS.prompts, {"payload": b"no m field"}): ("missing field 'm'", None),
     }
     good_ids.append(prompts.add(task(1)))
-    bad[r.xadd(KEYS.prompts, {"m": wrong_version})] = ("unknown schema version 2", wrong_version)
+    bad[r.xadd(KEYS.prompts, {"m": wrong_version})] = ("unknown schema version 99", wrong_version)
     bad[r.xadd(KEYS.prompts, {"m": group(0).to_bytes()})] = ("expected message type", group(0).to_bytes())
     good_ids.append(prompts.add(task(2)))
 

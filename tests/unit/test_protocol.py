@@ -113,13 +113,22 @@ def test_trajectory_arrays_are_packed_bytes_on_the_wire() -> None:
     group = make_group()
     d = payload_of(group)
     assert isinstance(d["prompt_ids"], bytes)
-    for raw, sample in zip(d["samples"], group.samples, strict=True):
-        assert isinstance(raw["response_ids"], bytes), "token ids must not travel as a list of numbers"
-        assert isinstance(raw["logprobs"], bytes), "logprobs must not travel as a list of numbers"
-        assert raw["response_ids"] == sample.response_ids.astype("<i4").tobytes()
-        assert raw["logprobs"] == sample.logprobs.astype("<f4").tobytes()
-    # 12 tokens cost 48 + 48 bytes, not 12 msgpack ints and 12 msgpack doubles (up to 5 + 9 bytes each)
-    assert len(d["samples"][3]["response_ids"]) == 48
+    cols = d["samples"]
+    assert isinstance(cols["response_ids"], bytes), "token ids must not travel as a list of numbers"
+    assert isinstance(cols["logprobs"], bytes), "logprobs must not travel as a list of numbers"
+    assert cols["lengths"] == np.array([5, 1, 0, 12], "<i4").tobytes()
+    assert cols["response_ids"] == np.concatenate([s.response_ids for s in group.samples]).astype("<i4").tobytes()
+    assert cols["logprobs"] == np.concatenate([s.logprobs for s in group.samples]).astype("<f4").tobytes()
+    # 18 tokens cost 72 + 72 bytes, not 18 msgpack ints and 18 msgpack doubles (up to 5 + 9 bytes each)
+    assert len(cols["response_ids"]) == len(cols["logprobs"]) == 72
+    assert cols["rewards"] == [1.0, 0.0, 0.0, 1.0]
+
+
+def test_decoded_samples_are_writable_and_independent() -> None:
+    back = TrajectoryGroup.from_bytes(make_group().to_bytes())
+    first, last = back.samples[0].response_ids, back.samples[3].response_ids
+    first[:] = -1  # a consumer may write into its arrays (torch.as_tensor needs them writable)
+    assert (last != -1).all() and last.size == 12
 
 
 def test_trajectory_defaults_policy_version_last_to_policy_version() -> None:
@@ -169,12 +178,12 @@ def test_trailing_bytes_are_rejected() -> None:
         PromptTask.from_bytes(make_task().to_bytes() + b"\x00")
 
 
-@pytest.mark.parametrize("version", [2, 0, None, "1", 1.0, True])
+@pytest.mark.parametrize("version", [1, 3, 0, None, "2", 2.0, True])
 def test_other_schema_versions_are_rejected(version: Any) -> None:
     raw = envelope(payload_of(make_task()), version=version)
     with pytest.raises(ProtocolError, match="schema version"):
         PromptTask.from_bytes(raw)
-    # the same payload under version 1 is accepted, so the version alone caused the rejection
+    # the same payload under the current version is accepted, so the version alone caused the rejection
     assert PromptTask.from_bytes(envelope(payload_of(make_task()))) == make_task()
 
 
@@ -188,7 +197,7 @@ def test_wrong_type_tag_is_rejected() -> None:
 
 
 @pytest.mark.parametrize(
-    "env", [[1, "PromptTask", {}], {"v": 1, "t": "PromptTask"}, {"v": 1, "t": "PromptTask", "d": [1, 2]}]
+    "env", [[2, "PromptTask", {}], {"v": 2, "t": "PromptTask"}, {"v": 2, "t": "PromptTask", "d": [1, 2]}]
 )
 def test_malformed_envelopes_are_rejected(env: Any) -> None:
     with pytest.raises(ProtocolError):
@@ -213,10 +222,10 @@ def test_trajectory_missing_field_is_rejected(field: str) -> None:
         TrajectoryGroup.from_bytes(envelope(d, tag="TrajectoryGroup"))
 
 
-@pytest.mark.parametrize("field", ["response_ids", "logprobs", "reward", "finish_reason", "text"])
+@pytest.mark.parametrize("field", ["lengths", "response_ids", "logprobs", "rewards", "finish_reasons", "texts"])
 def test_sample_missing_field_is_rejected(field: str) -> None:
     d = payload_of(make_group())
-    del d["samples"][1][field]
+    del d["samples"][field]
     with pytest.raises(ProtocolError, match=field):
         TrajectoryGroup.from_bytes(envelope(d, tag="TrajectoryGroup"))
 
@@ -236,10 +245,15 @@ def test_sample_missing_field_is_rejected(field: str) -> None:
         ("TrajectoryGroup", ("policy_version",), "3"),
         ("TrajectoryGroup", ("policy_version_last",), "4"),
         ("TrajectoryGroup", ("samples",), {"0": 1}),
-        ("TrajectoryGroup", ("samples", 0), "sample"),
-        ("TrajectoryGroup", ("samples", 0, "reward"), "1.0"),
-        ("TrajectoryGroup", ("samples", 0, "response_ids"), [1, 2, 3, 4, 5]),
-        ("TrajectoryGroup", ("samples", 0, "text"), b"bytes, not str"),
+        ("TrajectoryGroup", ("samples",), [{"response_ids": b"", "logprobs": b""}]),  # schema 1's list of maps
+        ("TrajectoryGroup", ("samples", "rewards", 0), "1.0"),
+        ("TrajectoryGroup", ("samples", "rewards"), [1.0, 0.0, 0.0]),  # one short
+        ("TrajectoryGroup", ("samples", "response_ids"), [1, 2, 3, 4, 5]),
+        ("TrajectoryGroup", ("samples", "lengths"), np.array([5, 1, 0, 11], "<i4").tobytes()),  # 17 ≠ 18 tokens
+        ("TrajectoryGroup", ("samples", "lengths"), np.array([6, 1, -1, 12], "<i4").tobytes()),  # negative
+        ("TrajectoryGroup", ("samples", "texts", 0), b"bytes, not str"),
+        ("TrajectoryGroup", ("samples", "finish_reasons"), "stop"),
+        ("TrajectoryGroup", ("samples", "verdicts", 1), 3),
         ("TrajectoryGroup", ("timings",), {"generate_s": "1.5"}),
         ("WeightsAnnouncement", ("world_size",), "3"),
         ("WeightsAnnouncement", ("shapes",), [[384, "128"], [384], []]),
@@ -265,7 +279,7 @@ def test_wrong_field_types_are_rejected(tag: str, path: tuple[Any, ...], value: 
         ("PromptTask", ("sampling", "max_tokens")),
         ("TrajectoryGroup", ("policy_version",)),
         ("TrajectoryGroup", ("policy_version_last",)),
-        ("TrajectoryGroup", ("samples", 0, "reward")),
+        ("TrajectoryGroup", ("samples", "rewards", 0)),
         ("TrajectoryGroup", ("timings", "grade_s")),
         ("WeightsAnnouncement", ("world_size",)),
         ("WeightsAnnouncement", ("bucket_bytes",)),
@@ -287,7 +301,7 @@ def test_bool_where_a_number_is_expected_is_rejected(tag: str, path: tuple[Any, 
 def test_mismatched_ids_and_logprobs_are_rejected() -> None:
     bad = Sample(np.arange(5, dtype=np.int32), np.full(4, -0.5, np.float32), 1.0, "stop", "x")
     group = TrajectoryGroup("t", np.array([1], np.int32), (make_sample(3, 0), bad), 0, "g")
-    with pytest.raises(ProtocolError, match="5 response ids but 4 logprobs"):
+    with pytest.raises(ProtocolError, match="8 tokens, but 8 response ids and 7 logprobs"):
         TrajectoryGroup.from_bytes(group.to_bytes())
 
 
