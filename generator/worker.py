@@ -61,6 +61,8 @@ class GeneratorMetrics:
         self.queue_lag = Gauge("orz_generator_queue_lag_seconds", "age of the oldest prompt taken", registry=r)
         self.aborted = Counter("orz_generator_requests_aborted", "requests aborted by a weight update (abort mode)",
                                registry=r)
+        self.busy = Counter("orz_generator_engine_busy_seconds", "time spent in engine steps with requests in "
+                            "flight (busy fraction: its rate)", registry=r)
 
 
 class WeightListener(threading.Thread):
@@ -165,7 +167,9 @@ MAX_PUBLISH_BACKLOG = 8  # engine steps' worth of finished groups waiting for gr
 
 
 class Generator:
-    def __init__(self, cfg: Config, generator_id: str | None = None) -> None:
+    def __init__(self, cfg: Config, generator_id: str | None = None, engine_factory=None, reward=None) -> None:
+        """`engine_factory(generator_config, model_path, seed=…)` and `reward` (a RewardClient) default to the
+        configured backend and reward server; bench/simulate.py passes cost models instead."""
         self.cfg = cfg
         self.id = generator_id or f"gen-{socket.gethostname()}-{os.getpid()}"
         self.keys = Keys(cfg.namespace)
@@ -175,9 +179,10 @@ class Generator:
         self.metrics = GeneratorMetrics()
         self.stop_event = threading.Event()
         self.version = 0
-        if not cfg.reward.url:
+        if not cfg.reward.url and reward is None:
             raise ValueError("reward.url is not set: point the generator at a reward server (ORZ__REWARD__URL)")
-        self.reward = RewardClient(cfg.reward.url, cfg.reward.request_timeout_s, cfg.reward.token)
+        self.reward = reward or RewardClient(cfg.reward.url, cfg.reward.request_timeout_s, cfg.reward.token)
+        self._engine_factory = engine_factory or make_engine
         self.engine: VllmEngine | TransformersEngine | None = None
         self.inflight: dict[str, _InFlight] = {}  # request id → prompt in the engine
         self.waiting: list[tuple[str, PromptTask, float]] = []  # taken, waiting for their feed version's weights
@@ -186,11 +191,15 @@ class Generator:
         self._publisher = ThreadPoolExecutor(1, thread_name_prefix="publish")
         self._publishing: deque[Future] = deque()
         self._seq = 0
+        self.started = time.time()
+        self.busy_s = 0.0  # time in engine steps with requests in flight (the GPU's busy time)
+        self._last_reclaim = 0.0
         self._window_tokens = 0
         self._window_start = time.time()
 
     def _heartbeat(self) -> None:
-        state = {"ts": time.time(), "version": self.version, "pid": os.getpid(), "host": socket.gethostname()}
+        state = {"ts": time.time(), "version": self.version, "pid": os.getpid(), "host": socket.gethostname(),
+                 "started": self.started, "busy_s": round(self.busy_s, 4)}
         self.redis.hset(self.keys.generators, self.id, json.dumps(state))
 
     def _load_checkpoint(self) -> None:
@@ -240,7 +249,13 @@ class Generator:
         log.info("loaded weights v%d in %.3f s", version, seconds)
 
     def _take_prompts(self, n: int, block_ms: int | None) -> list[tuple[str, PromptTask]]:
-        taken = self.prompts.reclaim(self.id, self.cfg.redis.claim_idle_ms, n)
+        rc = self.cfg.redis
+        taken = []
+        # XAUTOCLAIM walks the whole pending list: once per loop from every generator, it kept Redis's one
+        # thread busy at 64 generators (bench/simulate.py). A dead peer's prompts wait claim_idle_ms anyway.
+        if time.time() - self._last_reclaim >= min(rc.reclaim_every_s, rc.claim_idle_ms / 2000):
+            self._last_reclaim = time.time()
+            taken = self.prompts.reclaim(self.id, rc.claim_idle_ms, n)
         if taken:
             self.metrics.reclaimed.inc(len(taken))
             log.info("reclaimed %d prompts left pending by a dead peer", len(taken))
@@ -337,15 +352,16 @@ class Generator:
 
     def run(self) -> None:
         gcfg = self.cfg.generator
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stop_event.set())
+        if threading.current_thread() is threading.main_thread():  # several run as threads in bench/simulate.py
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop_event.set())
         server = MetricsServer(self.metrics.registry, gcfg.metrics_port, host=gcfg.metrics_host,
                                health=lambda: {"status": "ok", "id": self.id, "version": self.version})
         log.info("generator %s: metrics on :%d", self.id, server.port)
         self.prompts.ensure_group()
         listener = WeightListener(self.cfg, self.redis, self.keys, self.id, self.stop_event)
         listener.start()
-        self.engine = make_engine(gcfg, self.cfg.model.path, seed=gcfg.seed + os.getpid())
+        self.engine = self._engine_factory(gcfg, self.cfg.model.path, seed=gcfg.seed + os.getpid())
         # One tiny request first: the engine's first call pays one-off allocations (KV blocks, kernels).
         self.engine.generate([[1, 2, 3]], [SamplingParams(1.0, 1.0, 4)], [1])
         self._load_checkpoint()
@@ -378,7 +394,11 @@ class Generator:
                 self._submit_ready(listener)
                 self._collect_published()
                 if self.inflight:
+                    t_step = time.perf_counter()
                     finished = self.engine.step()
+                    step_s = time.perf_counter() - t_step
+                    self.busy_s += step_s
+                    self.metrics.busy.inc(step_s)
                     if finished:
                         self._hand_off(finished)
                 elif self.waiting:

@@ -48,6 +48,9 @@ from services.redis_server import connect
 log = logging.getLogger("orz.learner")
 
 TRAJECTORY_GROUP = "learner"
+# Groups per XREADGROUP: one reply of a whole ORZ batch (128 groups × ~1 MB) would hold Redis's one thread
+# while it is written, stalling every generator's XADD behind it.
+READ_CHUNK = 16
 
 
 class LearnerMetrics:
@@ -107,6 +110,14 @@ class Learner:
             self.resume_state = ckpt.read_state(self.resume_from)
             self.version, self.step = int(self.resume_state["version"]), int(self.resume_state["step"])
 
+        self._init_models()
+        self.consumed: set[str] = set()
+        if self.dp.is_main:
+            self._init_rank0()
+
+    def _init_models(self) -> None:
+        """Actor (from the base model or the resumed checkpoint), critic, reference, trainer and tokenizer."""
+        cfg, lc = self.cfg, self.cfg.learner
         base = cfg.model.path
         if not (base / "config.json").exists():
             raise FileNotFoundError(f"no base model at {base}: run `orz make-base-model --config ...` first")
@@ -129,28 +140,29 @@ class Learner:
         if self.resume_from is not None:
             self._load_trainer_state()
 
-        self.consumed: set[str] = set()
-        if self.dp.is_main:
-            self.run_path.mkdir(parents=True, exist_ok=True)
-            self.keys = Keys(cfg.namespace)
-            self.redis = connect(cfg.redis.url, cfg.redis.socket_timeout_s)
-            self.metrics = LearnerMetrics()
-            self.prompts = StreamQueue(self.redis, self.keys.prompts, "generators", PromptTask, self.keys.dead)
-            self.trajectories = StreamQueue(self.redis, self.keys.trajectories, TRAJECTORY_GROUP, TrajectoryGroup,
-                                            self.keys.dead)
-            if self.resume_state is not None:
-                st = self.resume_state
-                ckpt.truncate(self.run_path / "tasks.jsonl", st["feeder"]["ledger_offset"])
-                ckpt.truncate(self.run_path / "metrics.jsonl", st["metrics_offset"])
-                self.consumed = set(st["consumed"])
-            else:  # a fresh run under an existing name starts its logs over
-                for name in ("metrics.jsonl", "tasks.jsonl", "DONE"):
-                    (self.run_path / name).unlink(missing_ok=True)
-            self.feeder = Feeder(cfg, self.prompts, self.tokenizer, self.run_path / "tasks.jsonl")
-            if self.resume_state is not None:
-                self.feeder.restore(self.resume_state["feeder"])
-                log.info("resuming from %s: step %d, version %d, %d prompts to feed again", self.resume_from,
-                         self.step, self.version, len(self.resume_state["feeder"]["pending"]))
+    def _init_rank0(self) -> None:
+        """Redis, the queues, the metrics, the run directory and the feeder: rank 0's share of the work."""
+        cfg = self.cfg
+        self.run_path.mkdir(parents=True, exist_ok=True)
+        self.keys = Keys(cfg.namespace)
+        self.redis = connect(cfg.redis.url, cfg.redis.socket_timeout_s)
+        self.metrics = LearnerMetrics()
+        self.prompts = StreamQueue(self.redis, self.keys.prompts, "generators", PromptTask, self.keys.dead)
+        self.trajectories = StreamQueue(self.redis, self.keys.trajectories, TRAJECTORY_GROUP, TrajectoryGroup,
+                                        self.keys.dead)
+        if self.resume_state is not None:
+            st = self.resume_state
+            ckpt.truncate(self.run_path / "tasks.jsonl", st["feeder"]["ledger_offset"])
+            ckpt.truncate(self.run_path / "metrics.jsonl", st["metrics_offset"])
+            self.consumed = set(st["consumed"])
+        else:  # a fresh run under an existing name starts its logs over
+            for name in ("metrics.jsonl", "tasks.jsonl", "DONE"):
+                (self.run_path / name).unlink(missing_ok=True)
+        self.feeder = Feeder(cfg, self.prompts, self.tokenizer, self.run_path / "tasks.jsonl")
+        if self.resume_state is not None:
+            self.feeder.restore(self.resume_state["feeder"])
+            log.info("resuming from %s: step %d, version %d, %d prompts to feed again", self.resume_from,
+                     self.step, self.version, len(self.resume_state["feeder"]["pending"]))
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def _load_trainer_state(self) -> None:
@@ -230,7 +242,8 @@ class Learner:
             if self.stop_event.is_set():
                 raise KeyboardInterrupt
             self.feeder.top_up(self.version)
-            entries = self.trajectories.read("learner-0", lc.batch_prompts - len(batch), self.cfg.redis.block_ms)
+            entries = self.trajectories.read("learner-0", min(lc.batch_prompts - len(batch), READ_CHUNK),
+                                             self.cfg.redis.block_ms)
             if time.time() - self._last_sync > 1.0:  # generators that joined (or came back) get the weights now
                 self.weights.sync(self.version, self._latest_state)
                 self._last_sync = time.time()
@@ -254,6 +267,10 @@ class Learner:
                     continue
                 batch.append((entry_id, group))
         return batch, to_ack
+
+    def _train(self, groups: list[TrajectoryGroup]) -> dict:
+        """One PPO iteration on this rank's groups (bench/simulate.py replaces it with a cost model)."""
+        return self.trainer.step(build_batch(groups, self.tokenizer.pad_token_id))
 
     def _shard_for_me(self, groups: list[TrajectoryGroup]) -> list[TrajectoryGroup]:
         if not self.dp.enabled:
@@ -297,8 +314,7 @@ class Learner:
                 t_collected = time.time()
                 groups = [g for _, g in batch]
                 parallel.send_command(self.dp, parallel.CMD_BATCH, groups)
-                mine = self._shard_for_me(groups)
-                stats = self.trainer.step(build_batch(mine, self.tokenizer.pad_token_id))
+                stats = self._train(self._shard_for_me(groups))
                 self.version += 1
                 self.step = step
                 actor_state = self._actor_state()
@@ -308,6 +324,9 @@ class Learner:
                 broadcast_s = self.weights.sync(self.version, actor_state) or 0.0
                 self._last_sync = time.time()
                 self.trajectories.ack([eid for eid, _ in batch] + to_ack)
+                # Acked entries would otherwise stay in Redis's memory for the whole run (~1 MB per group).
+                self.trajectories.trim_acked()
+                self.prompts.trim_acked()
                 for _, g in batch:
                     self.feeder.record("trained", g.task_id, step)
                 self.feeder.top_up(self.version)  # the next prompts go out before logging and checkpointing
@@ -359,7 +378,7 @@ class Learner:
             if cmd == parallel.CMD_CHECKPOINT:
                 self._checkpoint({}, 0)
                 continue
-            self.trainer.step(build_batch(self._shard_for_me(groups), self.tokenizer.pad_token_id))
+            self._train(self._shard_for_me(groups))
             self.version += 1
             self.step += 1
             self._actor_state()
@@ -371,7 +390,7 @@ class Learner:
         truncated = np.array([s.finish_reason == "length" for g in groups for s in g.samples])
         staleness = np.array([self.version - 1 - g.policy_version for g in groups])
         return {
-            "step": step, "policy_version": self.version, "advantage": self.cfg.learner.advantage,
+            "step": step, "time": time.time(), "policy_version": self.version, "advantage": self.cfg.learner.advantage,
             "reward_mean": float(rewards.mean()), "response_len_mean": float(lengths.mean()),
             "truncated_frac": float(truncated.mean()),
             "staleness_mean": float(staleness.mean()), "staleness_max": int(staleness.max()),
@@ -387,10 +406,23 @@ class Learner:
             "group_versions": [g.policy_version for g in groups],
             "group_versions_last": [g.policy_version_last for g in groups],
             "generator_ids": sorted({g.generator_id for g in groups}),
+            "generator_activity": self._generator_activity(),
             "group_generators": [g.generator_id for g in groups],
             "task_ids": [g.task_id for g in groups],
             "stats": stats,
         }
+
+    def _generator_activity(self) -> dict[str, list[float]]:
+        """Each live generator's cumulative engine-busy seconds and the time it reported them (its heartbeat):
+        busy fraction over an interval = Δbusy_s / Δts (bench/async_e2e.py)."""
+        out = {}
+        try:
+            for gid, raw in self.redis.hgetall(self.keys.generators).items():
+                beat = json.loads(raw)
+                out[_text(gid)] = [float(beat["busy_s"]), float(beat["ts"])]
+        except (ValueError, KeyError, TypeError):  # a generator of an older build: no busy time
+            pass
+        return out
 
     def _log(self, r: dict, total: int) -> None:
         log.info(

@@ -74,6 +74,8 @@ class SamplingConfig(_Section):
 class RedisConfig(_Section):
     url: str | None = Field(None, description="redis://host:port/db; null starts an embedded redis-server")
     claim_idle_ms: int = Field(60_000, description="pending entries idle this long are reclaimed (XAUTOCLAIM)")
+    reclaim_every_s: float = Field(5.0, gt=0, description="how often a generator looks for entries to reclaim "
+                                   "(at most claim_idle_ms / 2); each look scans the whole pending list")
     block_ms: int = Field(1000, description="XREADGROUP block time")
     socket_timeout_s: float = Field(10.0, description="timeout of every Redis call")
 
