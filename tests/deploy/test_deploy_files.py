@@ -29,7 +29,7 @@ DEPLOY = ROOT / "deploy"
 BIN = Path(sys.executable).parent
 CLI = typer.main.get_command(app)
 CFG = load_config(DEPLOY / "config" / "orz.yaml", environ={})
-OVERLAYS = ["cpu", "gpu", "cpu-hpa"]
+OVERLAYS = ["cpu", "gpu", "cpu-hpa", "orz-7b"]
 
 
 def _run(*cmd: str) -> str:
@@ -77,8 +77,27 @@ def test_dockerfiles_pass_hadolint(dockerfile: str) -> None:
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 
-def test_compose_file_matches_the_compose_specification() -> None:
-    _run(str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(ROOT / "docker-compose.yml"))
+@pytest.mark.parametrize("path", ["docker-compose.yml", "deploy/compose/orz-7b.yml"])
+def test_compose_file_matches_the_compose_specification(path: str) -> None:
+    _run(str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(ROOT / path))
+
+
+def test_orz_7b_compose_override_runs_the_recipe_on_8_ranks() -> None:
+    override = yaml.safe_load((ROOT / "deploy" / "compose" / "orz-7b.yml").read_text())
+    services = override["services"]
+    assert set(services) <= set(COMPOSE["services"]), "the override may only adjust services that exist"
+    learner = services["learner-gpu"]
+    cmd = learner["entrypoint"] + learner["command"]
+    recipe = load_config(ROOT / "configs" / "orz-7b.yaml")
+    assert cmd[:3] == ["torchrun", "--nproc-per-node", str(recipe.learner.num_processes)]
+    assert cmd[3:] == ["-m", "services.cli", "learner", "--config", "/etc/orz/config.yaml", "--auto-resume"]
+    gpus = learner["deploy"]["resources"]["reservations"]["devices"][0]["count"]
+    assert gpus == recipe.learner.num_processes
+    for name, svc in services.items():
+        assert "./configs/orz-7b.yaml:/etc/orz/config.yaml:ro" in svc["volumes"], name
+    assert str(recipe.model.path).startswith("/models/") and str(recipe.task.train_files[0]).startswith("/data/")
+    assert learner["environment"]["ORZ__WEIGHT_SYNC__HOST"] in COMPOSE["services"]["learner-gpu"]["networks"][
+        "default"]["aliases"]
 
 
 def test_compose_services_match_the_cli_and_the_config() -> None:
@@ -145,6 +164,12 @@ def test_overlay_validates_against_kubernetes_schemas(overlay: str, built: dict[
     assert all(d["metadata"].get("namespace") == "orz" for d in docs if d["kind"] != "Namespace")
 
 
+def _config_of(overlay: str):
+    """The config an overlay's processes read: its own config.yaml when it replaces the ConfigMap."""
+    own = DEPLOY / "k8s" / "overlays" / overlay / "config.yaml"
+    return load_config(own, environ={}) if own.exists() else CFG
+
+
 def _by(docs: list[dict], kind: str) -> dict[str, dict]:
     return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
 
@@ -159,7 +184,12 @@ def test_workloads_match_the_cli_config_and_each_other(overlay: str, built: dict
         labels = w["spec"]["template"]["metadata"]["labels"]
         assert w["spec"]["selector"]["matchLabels"].items() <= labels.items()
         for c in spec.get("initContainers", []) + spec["containers"]:
-            if c["image"].startswith("orz-async") and "args" in c:
+            if c["image"].startswith("orz-async") and c.get("command") == ["torchrun"]:
+                # torchrun [its options] -m services.cli <orz command>: the learner as data-parallel ranks
+                args = c["args"]
+                assert args[args.index("-m"):args.index("-m") + 2] == ["-m", "services.cli"], args
+                _check_command(args[args.index("-m") + 2:])
+            elif c["image"].startswith("orz-async") and "args" in c:
                 _check_command(c["args"])
             for env in c.get("env", []):
                 _check_env_name(env["name"])
@@ -192,10 +222,12 @@ def test_workloads_match_the_cli_config_and_each_other(overlay: str, built: dict
     reward_np = _by(docs, "NetworkPolicy")["orz-reward-server"]["spec"]["ingress"][0]["from"]
     assert [f["podSelector"]["matchLabels"] for f in reward_np if "podSelector" in f] == [
         {"app.kubernetes.io/name": "orz-generator"}]
-    if overlay == "gpu":
-        for name in ("orz-learner", "orz-generator"):
+    if overlay in ("gpu", "orz-7b"):
+        gpus = {"orz-learner": str(_config_of(overlay).learner.num_processes) if overlay == "orz-7b" else "1",
+                "orz-generator": "1"}
+        for name, count in gpus.items():
             res = workloads[name]["spec"]["template"]["spec"]["containers"][0]["resources"]
-            assert res["limits"]["nvidia.com/gpu"] == "1"
+            assert res["limits"]["nvidia.com/gpu"] == count
         assert all(w["spec"]["template"]["spec"]["containers"][0]["image"] == "orz-async:cuda"
                    for n, w in workloads.items() if n != "orz-redis")
     else:
@@ -218,7 +250,8 @@ def test_custom_resources_have_their_required_fields(overlay: str, built: dict[s
         [trigger] = so["spec"]["triggers"]
         meta = trigger["metadata"]
         assert trigger["type"] == "redis-streams"
-        assert meta["stream"] == Keys(CFG.namespace).prompts and meta["consumerGroup"] == GENERATOR_GROUP
+        assert meta["stream"] == Keys(_config_of(overlay).namespace).prompts
+        assert meta["consumerGroup"] == GENERATOR_GROUP
         assert meta["address"].startswith("orz-redis.") and int(meta["lagCount"]) > 0
         auth = _by(docs, "TriggerAuthentication")[trigger["authenticationRef"]["name"]]
         [ref] = auth["spec"]["secretTargetRef"]
@@ -269,3 +302,18 @@ def test_grafana_provisioning_points_at_the_dashboard() -> None:
     assert "./deploy/grafana/dashboards:/var/lib/grafana/dashboards:ro" in mounts
     provider = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "dashboards" / "orz.yml").read_text())
     assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+def test_orz_7b_overlay_carries_the_recipe() -> None:
+    overlay = DEPLOY / "k8s" / "overlays" / "orz-7b"
+    assert (overlay / "config.yaml").read_text() == (ROOT / "configs" / "orz-7b.yaml").read_text(), \
+        "copy configs/orz-7b.yaml to deploy/k8s/overlays/orz-7b/config.yaml"
+    docs = [d for d in yaml.safe_load_all(_run("kubectl", "kustomize", str(overlay))) if d]
+    learner = next(d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "orz-learner")
+    container = learner["spec"]["template"]["spec"]["containers"][0]
+    recipe = load_config(overlay / "config.yaml")
+    assert container["command"] == ["torchrun"]
+    assert container["args"][:2] == ["--nproc-per-node", str(recipe.learner.num_processes)]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == str(recipe.learner.num_processes)
+    config_map = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("orz-config"))
+    assert yaml.safe_load(config_map["data"]["config.yaml"]) == yaml.safe_load((overlay / "config.yaml").read_text())
