@@ -137,7 +137,6 @@ def _worker(spec_path: Path) -> None:
         "busy_s": sum(g.busy_s for g in gens), "simulated_s": sum(e.simulated_s for e in engines),
         "preempted": sum(e.preempted for e in engines), "alive": sum(t.is_alive() for t in threads),
         "decoded_tokens": sum(e.decoded_tokens for e in engines), "iterations": sum(e.iterations for e in engines),
-        "seq_iterations": sum(e.seq_iterations for e in engines),
     }))
 
 
@@ -249,7 +248,7 @@ def _report(staleness: int, cost: CostModel, records: list[dict], gen_stats: lis
         "generator_cpu_s_per_group": gen_cpu / max(1, groups),
         "generator_busy_fraction": sum(s["busy_s"] for s in gen_stats) / max(1e-9, wall * generators),
         "preempted": sum(s["preempted"] for s in gen_stats),
-        "engine_mean_running": sum(s["seq_iterations"] for s in gen_stats)
+        "engine_mean_running": sum(s["decoded_tokens"] for s in gen_stats)
         / max(1, sum(s["iterations"] for s in gen_stats)),
         "engine_tok_s_simulated": sum(s["decoded_tokens"] for s in gen_stats)
         / max(1e-9, sum(s["simulated_s"] for s in gen_stats)),
@@ -259,19 +258,17 @@ def _report(staleness: int, cost: CostModel, records: list[dict], gen_stats: lis
 def run_setting(preset: Preset, args, generators: int, redis_url: str, run_dir: Path) -> dict:
     cost = preset.cost
     gpus = generators * cost.tp + cost.train_gpus
+    common = {"scale": args.time_scale or preset.time_scale, "per_proc": args.per_proc,
+              "chars_per_token": args.chars_per_token, "redis_url": redis_url, "run_dir": run_dir,
+              "overcommit": args.overcommit}
     out = {"async": simulate(args.preset, generators=generators, train_gpus=cost.train_gpus,
-                             staleness=preset.max_staleness, steps=args.steps, scale=args.time_scale or
-                             preset.time_scale, per_proc=args.per_proc, chars_per_token=args.chars_per_token,
-                             redis_url=redis_url, run_dir=run_dir, name=f"async-{generators}",
-                             overcommit=args.overcommit)}
+                             staleness=preset.max_staleness, steps=args.steps, name=f"async-{generators}", **common)}
     out["ideal"] = ideal(preset, cost, generators)
     out["async"]["of_ideal"] = out["async"]["steps_per_hour"] / out["ideal"]["steps_per_hour"]
     if not args.no_sync:
         # Colocated synchronous: every GPU generates the batch (one generator per tp GPUs), then every GPU trains.
         out["sync"] = simulate(args.preset, generators=gpus // cost.tp, train_gpus=gpus, staleness=0,
-                               steps=max(3, args.steps // 2), scale=args.time_scale or preset.time_scale,
-                               per_proc=args.per_proc, chars_per_token=args.chars_per_token, redis_url=redis_url,
-                               run_dir=run_dir, name=f"sync-{generators}", overcommit=args.overcommit)
+                               steps=max(3, args.steps // 2), name=f"sync-{generators}", **common)
         out["speedup_over_sync"] = out["async"]["steps_per_hour"] / out["sync"]["steps_per_hour"]
     out["gpus"] = gpus
     return out

@@ -47,18 +47,16 @@ class _Request:
 
 class SimEngine:
     def __init__(self, cost: CostModel, lengths: LengthModel, time_scale: float, seed: int,
-                 chunk_s: float = 2.0, chars_per_token: int = 4, p_correct: float = 0.5) -> None:
+                 chunk_s: float = 2.0, chars_per_token: int = 4) -> None:
         self.cost, self.lengths, self.scale = cost, lengths, time_scale
         self.chunk_s = chunk_s
         self.chars_per_token = chars_per_token
-        self.p_correct = p_correct
         self.rng = np.random.default_rng(seed)
         self.requests: dict[str, _Request] = {}
         self.running: list[_Seq] = []
         self.waiting: deque[_Seq] = deque()
         self.simulated_s = 0.0  # modelled GPU time so far
-        self.decoded_tokens = 0
-        self.seq_iterations = 0.0  # Σ running sequences × iterations: mean batch = this / iterations
+        self.decoded_tokens = 0  # Σ running sequences × iterations: the mean batch is this / iterations
         self.iterations = 0
         self.preempted = 0
 
@@ -104,7 +102,6 @@ class SimEngine:
         seconds = self.cost.prefill_s(prefill_tokens) + k * self.cost.decode_iteration_s(b, context + b * (k - 1) / 2)
         self._sleep(seconds)
         self.decoded_tokens += b * k
-        self.seq_iterations += b * k
         self.iterations += k
         finished: list[tuple[str, list[Completion]]] = []
         still = []

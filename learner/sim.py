@@ -65,14 +65,12 @@ class SimLearner(Learner):
         self.tokenizer = PromptTokens(prompt_len)
         self.actor = self.critic = self.reference = self.trainer = None
         self.consumed: set[str] = set()
-        self.simulated_train_s = 0.0
         self._cpu_mark: tuple[float, float] | None = None
         self._init_rank0()
 
     def _train(self, groups: list[TrajectoryGroup]) -> dict:
         tokens = sum(len(g.prompt_ids) + len(s.response_ids) for g in groups for s in g.samples)
         seconds = self.cost.train_s(tokens, self.train_gpus)
-        self.simulated_train_s += seconds
         time.sleep(seconds * self.scale)
         return {"simulated_train_s": seconds, "tokens": tokens}
 

@@ -102,11 +102,6 @@ class CostModel:
     def grade_s(self, items: int) -> float:
         return self.grade_fixed_s + self.grade_per_item_s * items
 
-    def steady_decode_tokens_per_s(self, mean_context: float) -> float:
-        """A full engine's tokens/s: as many sequences of `mean_context` tokens as fit, up to max_num_seqs."""
-        running = max(1, min(self.max_num_seqs, int(self.kv_capacity_tokens / mean_context)))
-        return running / self.decode_iteration_s(running, running * mean_context)
-
     def describe(self) -> dict:
         d = asdict(self)
         d["kv_capacity_tokens"] = self.kv_capacity_tokens
