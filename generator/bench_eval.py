@@ -88,7 +88,7 @@ def evaluate_benches(cfg: Config, model: Path | None, benches: list[str], *, n: 
     results: dict = {"model": "oracle (gold answers)" if oracle else str(model), "n": n, "template": template_name,
                      "temperature": ec.temperature, "max_tokens": ec.max_tokens, "benchmarks": {}}
     with reward_server(cfg) as url:
-        client = RewardClient(url, cfg.reward.request_timeout_s, cfg.reward.token)
+        client = RewardClient(url, cfg.reward.request_timeout_s, cfg.reward.token, cfg.reward.retry_s)
         try:
             for name in benches:
                 bench, records = bench_records(name, limit)

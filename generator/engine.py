@@ -134,6 +134,18 @@ class VllmEngine:
         return time.time() - t0
 
 
+def model_layout(model_path: str | Path) -> tuple[list[str], list[tuple[int, ...]]]:
+    """Parameter names and shapes of the HF model at `model_path`, as the learner's `state_dict()` lists them
+    (built on the meta device: no memory, no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_path))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    names, shapes = zip(*[(n, tuple(t.shape)) for n, t in model.state_dict().items()])
+    return list(names), list(shapes)
+
+
 def make_engine(gc, model_path: str | Path, *, seed: int):
     """The engine `generator.backend` names, with the generator section's settings."""
     if gc.backend == "vllm":

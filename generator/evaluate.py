@@ -33,7 +33,7 @@ def evaluate(cfg: Config, models: list[Path], out: Path | None = None) -> dict[s
     params = SamplingParams(ec.temperature, 1.0, ec.max_tokens, tuple(cfg.sampling.stop))
     samples = ec.samples if ec.temperature > 0 else 1
     engine = make_engine(gc, models[0], seed=gc.seed)
-    client = RewardClient(cfg.reward.url, cfg.reward.request_timeout_s, cfg.reward.token)
+    client = RewardClient(cfg.reward.url, cfg.reward.request_timeout_s, cfg.reward.token, cfg.reward.retry_s)
     results: dict[str, dict] = {}
     try:
         for i, model in enumerate(models):

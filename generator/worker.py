@@ -25,14 +25,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from generator.engine import Completion, VllmEngine, make_engine
+from generator.engine import Completion, VllmEngine, make_engine, model_layout
 from generator.reward_client import GradeItem, RewardClient, RewardClientError
 from services.config import Config
 from services.metrics import MetricsServer
 from services.protocol import PromptTask, ProtocolError, Sample, SamplingParams, TrajectoryGroup, WeightsAnnouncement
 from services.queue import Keys, StreamQueue
-from services.redis_server import connect
-from services.weight_sync import REFORM_VERSION, STOP_VERSION, WeightReceiver
+from services.redis_server import connect_cfg
+from services.weight_sync import REFORM_VERSION, STOP_VERSION, WeightReceiver, layout_digest
 
 if TYPE_CHECKING:
     from generator.hf_engine import TransformersEngine
@@ -61,6 +61,8 @@ class GeneratorMetrics:
         self.queue_lag = Gauge("orz_generator_queue_lag_seconds", "age of the oldest prompt taken", registry=r)
         self.aborted = Counter("orz_generator_requests_aborted", "requests aborted by a weight update (abort mode)",
                                registry=r)
+        self.rejected = Counter("orz_generator_prompts_rejected", "prompts dead-lettered: decoded but not samplable "
+                                "(no prompt ids, too long for the engine, token ids the engine refuses)", registry=r)
         self.busy = Counter("orz_generator_engine_busy_seconds", "time spent in engine steps with requests in "
                             "flight (busy fraction: its rate)", registry=r)
 
@@ -75,9 +77,11 @@ class WeightListener(threading.Thread):
     announcement; STOP_VERSION ends it. The learner only lists generators with a fresh heartbeat.
     """
 
-    def __init__(self, cfg: Config, redis, keys: Keys, generator_id: str, stop: threading.Event) -> None:
+    def __init__(self, cfg: Config, redis, keys: Keys, generator_id: str, stop: threading.Event,
+                 layout: str | None = None) -> None:
         super().__init__(name="weight-listener", daemon=True)
         self.cfg, self.redis, self.keys, self.generator_id, self.stop_event = cfg, redis, keys, generator_id, stop
+        self.layout = layout  # digest of the served model's names and shapes (None: not checked)
         self._lock = threading.Lock()
         self._pending: tuple[int, list] | None = None
         self._released = threading.Event()  # the main loop is done with the last version handed over
@@ -106,6 +110,12 @@ class WeightListener(threading.Thread):
                     ann = WeightsAnnouncement.from_bytes(raw)
                 except ProtocolError as exc:
                     raise RuntimeError(f"unreadable weight-sync announcement: {exc}") from None
+                theirs = layout_digest(ann.names, ann.shapes)
+                if self.layout is not None and theirs != self.layout:
+                    raise RuntimeError(
+                        f"the learner broadcasts a model of another architecture ({len(ann.names)} tensors, layout "
+                        f"{theirs[:12]}) than this generator serves ({self.cfg.model.path}, layout "
+                        f"{self.layout[:12]}): check model.base_path on both")
                 if ann.session != after_session and self.generator_id in ann.members:
                     return ann
             self.stop_event.wait(0.2)
@@ -173,7 +183,7 @@ class Generator:
         self.cfg = cfg
         self.id = generator_id or f"gen-{socket.gethostname()}-{os.getpid()}"
         self.keys = Keys(cfg.namespace)
-        self.redis = connect(cfg.redis.url, cfg.redis.socket_timeout_s)
+        self.redis = connect_cfg(cfg.redis)
         self.prompts = StreamQueue(self.redis, self.keys.prompts, PROMPT_GROUP, PromptTask, self.keys.dead)
         self.trajectories_stream = self.keys.trajectories
         self.metrics = GeneratorMetrics()
@@ -181,7 +191,12 @@ class Generator:
         self.version = 0
         if not cfg.reward.url and reward is None:
             raise ValueError("reward.url is not set: point the generator at a reward server (ORZ__REWARD__URL)")
-        self.reward = reward or RewardClient(cfg.reward.url, cfg.reward.request_timeout_s, cfg.reward.token)
+        self.reward = reward or RewardClient(
+            cfg.reward.url, cfg.reward.request_timeout_s, cfg.reward.token, cfg.reward.retry_s,
+            on_failure=lambda url, err: self.metrics.reward_errors.inc())
+        # Names and shapes of the model this generator serves: the learner leaves a generator whose model differs
+        # from its own out of the weight-sync group, and the generator refuses such a group (cost models: none).
+        self.layout = layout_digest(*model_layout(cfg.model.path)) if engine_factory is None else None
         self._engine_factory = engine_factory or make_engine
         self.engine: VllmEngine | TransformersEngine | None = None
         self.inflight: dict[str, _InFlight] = {}  # request id → prompt in the engine
@@ -199,7 +214,7 @@ class Generator:
 
     def _heartbeat(self) -> None:
         state = {"ts": time.time(), "version": self.version, "pid": os.getpid(), "host": socket.gethostname(),
-                 "started": self.started, "busy_s": round(self.busy_s, 4)}
+                 "started": self.started, "busy_s": round(self.busy_s, 4), "layout": self.layout}
         self.redis.hset(self.keys.generators, self.id, json.dumps(state))
 
     def _load_checkpoint(self) -> None:
@@ -261,13 +276,30 @@ class Generator:
             log.info("reclaimed %d prompts left pending by a dead peer", len(taken))
         if len(taken) < n:
             taken += self.prompts.read(self.id, n - len(taken), block_ms)
-        missing = [t.task_id for _, t in taken if t.prompt_ids is None]
-        if missing:
-            raise ValueError(f"prompts without prompt_ids are not supported yet: {missing[:3]}")
+        good = []
+        for entry_id, task in taken:
+            problem = self._invalid_prompt(task)
+            if problem is None:
+                good.append((entry_id, task))
+            else:  # one bad prompt must not stop the generator (nor, reclaimed, every generator in turn)
+                self.prompts.reject(entry_id, problem, task.to_bytes())
+                self.metrics.rejected.inc()
+        taken = good
         if taken:
             oldest = min(int(eid.split("-")[0]) for eid, _ in taken) / 1000.0
             self.metrics.queue_lag.set(max(0.0, time.time() - oldest))
         return taken
+
+    def _invalid_prompt(self, task: PromptTask) -> str | None:
+        """Why this engine cannot sample `task` as asked (None: it can)."""
+        if not task.prompt_ids:
+            return "no prompt_ids (the feeder tokenizes every prompt)"
+        room = self.cfg.generator.max_model_len - len(task.prompt_ids)
+        if room < 1:
+            return f"prompt of {len(task.prompt_ids)} tokens does not fit generator.max_model_len"
+        if min(task.prompt_ids) < 0:
+            return "negative token id in prompt_ids"
+        return None
 
     def _submit_ready(self, listener: WeightListener) -> None:
         """Starts waiting prompts whose weights are here.
@@ -284,7 +316,12 @@ class Generator:
                 self._seq += 1
                 rid = f"{entry_id}#{self._seq}"
                 assert self.engine is not None
-                self.engine.submit(rid, list(task.prompt_ids or ()), task.sampling, task.n_samples)
+                try:
+                    self.engine.submit(rid, list(task.prompt_ids or ()), task.sampling, task.n_samples)
+                except (ValueError, TypeError) as exc:  # the engine's own checks (a token id past the vocabulary)
+                    self.prompts.reject(entry_id, f"engine refused the prompt: {exc}"[:500], task.to_bytes())
+                    self.metrics.rejected.inc()
+                    continue
                 self.inflight[rid] = _InFlight(entry_id, task, self.version, time.time())
             else:
                 still_waiting.append((entry_id, task, since))
@@ -359,7 +396,7 @@ class Generator:
                                health=lambda: {"status": "ok", "id": self.id, "version": self.version})
         log.info("generator %s: metrics on :%d", self.id, server.port)
         self.prompts.ensure_group()
-        listener = WeightListener(self.cfg, self.redis, self.keys, self.id, self.stop_event)
+        listener = WeightListener(self.cfg, self.redis, self.keys, self.id, self.stop_event, self.layout)
         listener.start()
         self.engine = self._engine_factory(gcfg, self.cfg.model.path, seed=gcfg.seed + os.getpid())
         # One tiny request first: the engine's first call pays one-off allocations (KV blocks, kernels).

@@ -90,6 +90,21 @@ class Feeder:
         self._ledger.flush()
         return added
 
+    def refeed(self, task_ids: list[str], version: int, reason: str) -> None:
+        """Feed in-flight tasks again, at once and under the same ids: their prompts were lost (a Redis restart
+        that lost its last writes) or their group was rejected. A copy that still turns up is a duplicate,
+        which the learner drops by task id."""
+        for task_id in task_ids:
+            old = self.pending[task_id]
+            task = PromptTask(task_id=old.task_id, prompt=old.prompt, reference=old.reference,
+                              task_type=old.task_type, n_samples=old.n_samples, sampling=old.sampling,
+                              feed_version=version, prompt_ids=old.prompt_ids)
+            self.queue.add(task)
+            self.pending[task_id] = task
+            self._ledger.write(json.dumps({"event": "refed", "task_id": task_id, "version": version,
+                                           "reason": reason}) + "\n")
+        self._ledger.flush()
+
     def record(self, event: str, task_id: str, step: int) -> None:
         """`trained` or `dropped_stale`: the task leaves the in-flight set."""
         if self.pending.pop(task_id, None) is not None:

@@ -41,9 +41,9 @@ from learner.trainer import PPOTrainer
 from learner.weight_group import WeightGroup
 from services.config import Config
 from services.metrics import MetricsServer
-from services.protocol import PromptTask, SamplingParams, TrajectoryGroup
+from services.protocol import PromptTask, ProtocolError, SamplingParams, TrajectoryGroup
 from services.queue import Keys, StreamQueue
-from services.redis_server import connect
+from services.redis_server import connect_cfg
 
 log = logging.getLogger("orz.learner")
 
@@ -81,6 +81,12 @@ class LearnerMetrics:
                                   registry=self.registry)
         self.redis_maxmemory = Gauge("orz_learner_redis_maxmemory_bytes", "Redis maxmemory (0: no limit)",
                                      registry=self.registry)
+        self.rejected = Counter("orz_learner_rejected_groups", "groups that decoded but do not answer the task "
+                                "that was fed (dead-lettered; the task is fed again)", registry=r)
+        self.redis_restarts = Counter("orz_learner_redis_restarts", "Redis restarts noticed (new run_id)",
+                                      registry=r)
+        self.refed_lost = Counter("orz_learner_refed_lost_prompts", "in-flight prompts found in neither stream "
+                                  "after a Redis restart, fed again", registry=r)
         self.last_step_ts = Gauge("orz_learner_last_step_timestamp_seconds", "time of the last step", registry=r)
 
 
@@ -145,7 +151,7 @@ class Learner:
         cfg = self.cfg
         self.run_path.mkdir(parents=True, exist_ok=True)
         self.keys = Keys(cfg.namespace)
-        self.redis = connect(cfg.redis.url, cfg.redis.socket_timeout_s)
+        self.redis = connect_cfg(cfg.redis)
         self.metrics = LearnerMetrics()
         self.prompts = StreamQueue(self.redis, self.keys.prompts, "generators", PromptTask, self.keys.dead)
         self.trajectories = StreamQueue(self.redis, self.keys.trajectories, TRAJECTORY_GROUP, TrajectoryGroup,
@@ -242,8 +248,10 @@ class Learner:
             if self.stop_event.is_set():
                 raise KeyboardInterrupt
             self.feeder.top_up(self.version)
-            entries = self.trajectories.read("learner-0", min(lc.batch_prompts - len(batch), READ_CHUNK),
-                                             self.cfg.redis.block_ms)
+            self._watch_redis()
+            entries = self._reclaim_own()
+            entries += self.trajectories.read("learner-0", min(lc.batch_prompts - len(batch), READ_CHUNK),
+                                              self.cfg.redis.block_ms)
             if time.time() - self._last_sync > 1.0:  # generators that joined (or came back) get the weights now
                 self.weights.sync(self.version, self._latest_state)
                 self._last_sync = time.time()
@@ -253,10 +261,20 @@ class Learner:
                 continue
             last_arrival = time.time()
             for entry_id, group in entries:
-                if group.task_id in self.consumed or group.task_id not in self.feeder.pending:
+                if group.task_id in self.consumed:
                     # A reclaimed prompt can be generated twice (ARCHITECTURE.md, step 4); train it once.
                     self.metrics.duplicates.inc()
                     to_ack.append(entry_id)
+                    continue
+                task = self.feeder.pending.get(group.task_id)
+                problem = invalid_group(group, task, self.version, self.vocab_size)
+                if problem is not None:
+                    # Well-formed on the wire but not an answer to what was fed: it must not reach the loss.
+                    # The task (if it is one of ours) is fed again, so it is still trained exactly once.
+                    self.trajectories.reject(entry_id, problem, group.to_bytes())
+                    self.metrics.rejected.inc()
+                    if task is not None:
+                        self.feeder.refeed([group.task_id], self.version, reason=f"invalid group: {problem}")
                     continue
                 self.consumed.add(group.task_id)
                 if self.version - group.policy_version > lc.max_staleness:
@@ -267,6 +285,61 @@ class Learner:
                     continue
                 batch.append((entry_id, group))
         return batch, to_ack
+
+    def _watch_redis(self) -> None:
+        """Once a second: has Redis restarted (a new `run_id`)? Then put back what the restart may have lost.
+
+        With AOF `everysec` a Redis *process* crash loses nothing acknowledged (the AOF is written before the
+        reply); a machine crash loses the last second of writes, always a suffix. The learner's own state is
+        the ledger of record: prompts it fed that are in neither stream any more are fed again; trajectories
+        it already trained that reappear are duplicates; keys it owns are written again.
+        """
+        if time.time() - self._redis_checked < 1.0:
+            return
+        self._redis_checked = time.time()
+        run_id = _text(self.redis.info("server")["run_id"])
+        if self._redis_run_id is not None and run_id != self._redis_run_id:
+            log.warning("Redis restarted (run_id %s → %s): reconciling the run's streams", self._redis_run_id[:8],
+                        run_id[:8])
+            self._reconcile()
+        self._redis_run_id = run_id
+
+    def _reconcile(self) -> None:
+        t0 = time.time()
+        self.prompts.ensure_group()
+        self.trajectories.ensure_group()
+        self.redis.set(self.keys.policy_version, self.version)
+        self.weights.republish()
+        lost = self.unaccounted()
+        if lost:
+            self.feeder.refeed(lost, self.version, reason="lost in a Redis restart")
+        self.metrics.redis_restarts.inc()
+        self.metrics.refed_lost.inc(len(lost))
+        log.warning("after the Redis restart: %d in-flight prompt(s) were in neither stream and were fed again "
+                    "(%.2f s)", len(lost), time.time() - t0)
+
+    def unaccounted(self) -> list[str]:
+        """In-flight tasks (fed, not trained, not in this step's hands) found in neither stream: lost."""
+        present: set[str] = set()
+        for stream, cls in ((self.keys.prompts, PromptTask), (self.keys.trajectories, TrajectoryGroup)):
+            for _, fields in self.redis.xrange(stream):
+                try:
+                    present.add(cls.from_bytes(fields[b"m"]).task_id)
+                except (KeyError, ProtocolError):
+                    pass  # junk: the consumer dead-letters it when it reads it
+        return [t for t in self.feeder.pending if t not in self.consumed and t not in present]
+
+    def _reclaim_own(self) -> list[tuple[str, TrajectoryGroup]]:
+        """Entries delivered to the learner whose reply it never saw (the connection broke mid-reply and the
+        read was retried, or Redis came back from its AOF) stay pending on it: take them back."""
+        rc = self.cfg.redis
+        if time.time() - self._last_reclaim < min(rc.reclaim_every_s, rc.claim_idle_ms / 2000):
+            return []
+        self._last_reclaim = time.time()
+        return self.trajectories.reclaim("learner-0", rc.claim_idle_ms, READ_CHUNK)
+
+    def _vocab_size(self) -> int:
+        return int(self.actor.config.vocab_size)
 
     def _train(self, groups: list[TrajectoryGroup]) -> dict:
         """One PPO iteration on this rank's groups (bench/simulate.py replaces it with a cost model)."""
@@ -297,6 +370,8 @@ class Learner:
         self.evaluator = InTrainingEval(self.cfg, self.tokenizer) if lc.eval_every else None
         self.weights = self._weight_group()
         self._last_sync = 0.0
+        self._redis_checked, self._redis_run_id, self._last_reclaim = 0.0, None, time.time()
+        self.vocab_size = self._vocab_size()
         self.redis.set(self.keys.policy_version, self.version)
         self.feeder.top_up(self.version)
 
@@ -349,7 +424,13 @@ class Learner:
                     plot_curves(history, self.run_path / "curves.png")
             parallel.send_command(self.dp, parallel.CMD_FINAL)
             self._save_models(self.run_path / "checkpoints" / "final", *self._final_states())
-            (self.run_path / "DONE").write_text(json.dumps({"steps": lc.total_steps, "version": self.version}))
+            # The accounting a fault-injection test checks: every task still in flight is somewhere in Redis.
+            inflight = [t for t in self.feeder.pending if t not in self.consumed]
+            (self.run_path / "DONE").write_text(json.dumps({
+                "steps": lc.total_steps, "version": self.version, "inflight": inflight,
+                "unaccounted": self.unaccounted(), "dead_lettered": self.trajectories.dead_lettered,
+                "duplicates": int(self.metrics.duplicates._value.get()),
+            }))
         except KeyboardInterrupt:
             log.info("learner interrupted at version %d", self.version)
         finally:
@@ -496,7 +577,7 @@ class InTrainingEval:
         self.engine = TransformersEngine(cfg.model.path, dtype="float32", max_model_len=gc.max_model_len,
                                          seed=lc.seed, threads=lc.threads, max_num_seqs=gc.max_num_seqs)
         self.params = SamplingParams(ec.temperature, 1.0, ec.max_tokens, tuple(cfg.sampling.stop))
-        self.client = RewardClient(cfg.reward.url, cfg.reward.request_timeout_s, cfg.reward.token)
+        self.client = RewardClient(cfg.reward.url, cfg.reward.request_timeout_s, cfg.reward.token, cfg.reward.retry_s)
 
     def run(self, actor_state: dict) -> float:
         from generator.reward_client import GradeItem
@@ -509,6 +590,29 @@ class InTrainingEval:
         accuracy = sum(g.reward for g in self.client.grade(items)) / len(items)
         log.info("in-training eval: accuracy %.3f on %d problems (%.1f s)", accuracy, len(items), time.time() - t0)
         return accuracy
+
+
+def invalid_group(group: TrajectoryGroup, task: PromptTask | None, version: int, vocab_size: int) -> str | None:
+    """Why a decoded group cannot be trained on as the answer to `task` (None: it can). The wire format is
+    checked by `services/protocol.py`; this checks it against what was fed, so a buggy or hostile generator
+    cannot put a wrong prompt, a missing sample, an absurdly long response or a token outside the
+    vocabulary into a batch."""
+    if task is None:
+        return f"task_id {group.task_id!r} was not fed by this run (or was fed before a resume)"
+    if len(group.samples) != task.n_samples:
+        return f"{len(group.samples)} samples, {task.n_samples} were asked for"
+    if task.prompt_ids is not None and not np.array_equal(group.prompt_ids, np.asarray(task.prompt_ids)):
+        return "prompt_ids differ from the prompt that was fed"
+    if not 0 <= group.policy_version <= version or group.policy_version_last < group.policy_version:
+        return f"policy versions {group.policy_version}..{group.policy_version_last} outside 0..{version}"
+    for i, s in enumerate(group.samples):
+        if len(s.response_ids) > task.sampling.max_tokens:
+            return f"sample {i}: {len(s.response_ids)} tokens, max_tokens is {task.sampling.max_tokens}"
+        if len(s.response_ids) and (s.response_ids.min() < 0 or s.response_ids.max() >= vocab_size):
+            return f"sample {i}: token id outside the vocabulary [0, {vocab_size})"
+        if s.finish_reason not in ("stop", "length", "abort"):
+            return f"sample {i}: unknown finish_reason {s.finish_reason[:40]!r}"
+    return None
 
 
 def _text(value) -> str:

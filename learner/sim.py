@@ -77,6 +77,9 @@ class SimLearner(Learner):
     def _actor_state(self) -> dict[str, torch.Tensor]:
         return STAND_IN
 
+    def _vocab_size(self) -> int:
+        return 2**31 - 1  # the cost models' token ids are placeholders
+
     def _weight_group(self) -> WeightGroup:
         names, shapes = zip(*[(n, tuple(t.shape)) for n, t in STAND_IN.items()])
         return _SimWeightGroup(self.cfg, self.redis, self.keys, tuple(names), tuple(shapes), cost=self.cost,

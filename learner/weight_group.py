@@ -25,7 +25,7 @@ from services.config import Config
 from services.metrics import free_port
 from services.protocol import WeightsAnnouncement
 from services.queue import Keys
-from services.weight_sync import REFORM_VERSION, WeightSender, resolve_backend
+from services.weight_sync import REFORM_VERSION, WeightSender, layout_digest, resolve_backend
 
 log = logging.getLogger("orz.learner")
 
@@ -37,26 +37,40 @@ class WeightGroup:
         self.redis = redis
         self.keys = keys
         self.names, self.shapes = names, shapes
+        self.layout = layout_digest(names, shapes)
+        self.refused: set[str] = set()  # generators left out for serving another model
         self.retry_s = retry_s
         self.members: tuple[str, ...] = ()
         self.sender: WeightSender | None = None
+        self.announcement: WeightsAnnouncement | None = None  # of the current group
         self.sent_version = -1
         self.formations = 0
         self._attempt = 0  # groups tried so far (formed or not)
         self._failed: tuple[tuple[str, ...], float] | None = None  # members that did not join, and when
 
     def live(self) -> tuple[str, ...]:
-        """Generators whose heartbeat is fresher than 3 heartbeat periods, sorted by id."""
+        """Generators whose heartbeat is fresher than 3 heartbeat periods and whose model layout (names and
+        shapes) is the learner's, sorted by id."""
         stale_after = 3 * self.cfg.generator.heartbeat_s
         now = time.time()
         live = []
         for gid, raw in self.redis.hgetall(self.keys.generators).items():
+            gid = gid.decode() if isinstance(gid, bytes) else gid
             try:
                 beat = json.loads(raw)
-                if now - float(beat["ts"]) <= stale_after:
-                    live.append(gid.decode() if isinstance(gid, bytes) else gid)
+                fresh = now - float(beat["ts"]) <= stale_after
             except (ValueError, KeyError, TypeError):
                 log.warning("unreadable heartbeat of %r in %s", gid, self.keys.generators)
+                continue
+            layout = beat.get("layout")
+            if fresh and layout is not None and layout != self.layout:
+                if gid not in self.refused:
+                    log.error("generator %s serves a model of another layout (%s, the learner's is %s): not "
+                              "admitted to weight sync", gid, str(layout)[:12], self.layout[:12])
+                self.refused.add(gid)
+                continue
+            if fresh:
+                live.append(gid)
         return tuple(sorted(live))
 
     def sync(self, version: int, state: dict[str, torch.Tensor]) -> float | None:
@@ -105,11 +119,16 @@ class WeightGroup:
             self._failed = (live, time.time())
             self.redis.delete(self.keys.weights_meta)
             return
-        self.sender, self.members, self.sent_version = sender, live, -1
+        self.sender, self.members, self.sent_version, self.announcement = sender, live, -1, ann
         self._failed = None
         self.formations += 1
         log.info("weight-sync group %d formed at %s with %d generator(s) %s in %.2f s", self.formations,
                  ann.rendezvous, len(live), list(live), time.time() - t0)
+
+    def republish(self) -> None:
+        """Writes the current group's announcement again (Redis restarted and may have lost it)."""
+        if self.sender is not None and self.announcement is not None:
+            self.redis.set(self.keys.weights_meta, self.announcement.to_bytes())
 
     def _close(self) -> None:
         """Leaves the current group; its members (if still listening) go and wait for the next announcement."""

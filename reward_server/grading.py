@@ -16,6 +16,7 @@ import asyncio
 import logging
 import math
 import multiprocessing
+import os
 import resource
 import threading
 import time
@@ -39,12 +40,33 @@ log = logging.getLogger("orz.reward.grading")
 
 
 def init_worker(mem_mb: int) -> None:
-    """Caps the worker's address space: a short answer can reach 400-560 MB within seconds (notes §2.4)."""
+    """Caps the worker's address space (a short answer can reach 400-560 MB within seconds, notes §2.4) and
+    takes away its file and network access."""
     limit = mem_mb << 20
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
     if hard != resource.RLIM_INFINITY:
         limit = min(limit, hard)
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    global _START_VM_MB
+    _START_VM_MB = worker_vm_mb()  # read now: /proc is out of reach once sealed
+    seal_descriptors()
+
+
+def seal_descriptors() -> None:
+    """No new file descriptor from here on: RLIMIT_NOFILE (soft and hard) at the lowest free descriptor number,
+    so `open`, `socket`, `pipe` and `accept` all fail with EMFILE. A grader reads model text and writes a
+    verdict over the pipes pebble opened before this ran; it has no reason to touch a file or the network,
+    and if a parser bug ever let model text steer it, it still could not. Lowering the hard limit cannot be
+    undone without CAP_SYS_RESOURCE. (math-verify and sympy are imported and warmed before the fork, so no
+    lazy import needs a file afterwards.)"""
+    open_fds = {int(fd) for fd in os.listdir("/proc/self/fd")}  # includes the listing's own, closed by now
+    highest = max(open_fds)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest, highest))
+    while True:  # fill any hole below the limit with /dev/null, so not even one descriptor is left to take
+        try:
+            os.open(os.devnull, os.O_RDONLY)
+        except OSError:
+            break
 
 
 def worker_vm_mb() -> float:
@@ -56,8 +78,11 @@ def worker_vm_mb() -> float:
     return float("nan")
 
 
+_START_VM_MB = float("nan")
+
+
 def _ping() -> float:
-    return worker_vm_mb()
+    return _START_VM_MB
 
 
 def _warm_up() -> None:

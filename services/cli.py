@@ -15,7 +15,7 @@ from typing import Any
 import typer
 import yaml
 
-from services.config import Config, load_config
+from services.config import Config, load_config, require_model
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="orz-async: asynchronous PPO-GAE training of reasoning LLMs (ORZ recipe).")
@@ -38,13 +38,16 @@ def _overrides(pairs: list[str] | None) -> dict[str, Any]:
     return tree
 
 
-def _setup(config: Path | None, sets: list[str] | None, process: str) -> Config:
+def _setup(config: Path | None, sets: list[str] | None, process: str, needs_model: bool = False) -> Config:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {process} %(name)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stdout)
     for noisy in ("httpx", "urllib3", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        return load_config(config, overrides=_overrides(sets))
+        cfg = load_config(config, overrides=_overrides(sets))
+        if needs_model:
+            require_model(cfg)
+        return cfg
     except (OSError, ValueError) as exc:
         typer.secho(f"config error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
@@ -72,7 +75,7 @@ def learner(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt,
                 False, help="continue from the newest checkpoint if there is one, else start fresh (for "
                 "restarted pods)")) -> None:
     """Run the learner (feeder + PPO + weight broadcast); under torchrun, one data-parallel rank of it."""
-    _entry("learner.main")(_setup(config, set_, "learner"), "auto" if auto_resume else resume)
+    _entry("learner.main")(_setup(config, set_, "learner", needs_model=True), "auto" if auto_resume else resume)
 
 
 @app.command()
@@ -97,7 +100,7 @@ def health(url: str = typer.Option(
 @app.command()
 def generator(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt) -> None:
     """Run one generator (vLLM engine pulling prompts from Redis)."""
-    _entry("generator.worker")(_setup(config, set_, "generator"))
+    _entry("generator.worker")(_setup(config, set_, "generator", needs_model=True))
 
 
 @app.command("reward-server")

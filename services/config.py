@@ -8,13 +8,14 @@ stop at `</answer>`. `configs/tiny.yaml` scales them to a CPU-sized run.
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ENV_PREFIX = "ORZ__"
 
@@ -77,11 +78,23 @@ class RedisConfig(_Section):
     reclaim_every_s: float = Field(5.0, gt=0, description="how often a generator looks for entries to reclaim "
                                    "(at most claim_idle_ms / 2); each look scans the whole pending list")
     block_ms: int = Field(1000, description="XREADGROUP block time")
-    socket_timeout_s: float = Field(10.0, description="timeout of every Redis call")
+    socket_timeout_s: float = Field(10.0, gt=0, description="timeout of every Redis call")
+    retry_s: float = Field(60.0, ge=0, description="a call that fails on a lost connection (Redis restarting) is "
+                           "retried with jittered exponential backoff (capped at 2 s) for this long, then the "
+                           "process exits")
+    username: str | None = Field(None, description="ACL user (null: the default user)")
+    password: str | None = Field(None, description="password of the ACL user (set ORZ__REDIS__PASSWORD from a "
+                                 "Secret rather than writing it here)")
+    tls: bool = Field(False, description="connect with TLS (as a rediss:// url does)")
+    tls_ca_file: str | None = Field(None, description="CA bundle that signed the server's certificate")
+    tls_cert_file: str | None = Field(None, description="client certificate, when the server asks for one "
+                                      "(tls-auth-clients)")
+    tls_key_file: str | None = Field(None, description="key of the client certificate")
 
 
 class RewardConfig(_Section):
-    url: str | None = Field(None, description="reward server base URL; `orz up` fills it in")
+    url: str | None = Field(None, description="reward server base URL, or several replicas comma-separated; "
+                            "`orz up` fills it in")
     host: str = Field("127.0.0.1", description="reward server bind address")
     port: int = Field(8600, description="reward server port (`orz up` picks a free one)")
     workers: int = Field(1, description="uvicorn worker processes (`orz reward-server --workers`); each has its own "
@@ -93,7 +106,11 @@ class RewardConfig(_Section):
     max_response_chars: int = Field(1_048_576, description="characters per response (extraction is linear in it)")
     max_request_mb: int = Field(64, description="request body cap (413 past it), whatever the item limits allow")
     max_reference_chars: int = Field(10_000, description="characters per reference answer")
-    request_timeout_s: float = Field(60.0, description="client-side HTTP timeout")
+    request_timeout_s: float = Field(60.0, gt=0, description="client-side HTTP timeout: a replica that does not "
+                                     "answer within it is marked down and the batch goes to the next")
+    retry_s: float = Field(300.0, ge=0, description="how long a generator keeps retrying a batch while no reward "
+                           "server answers (exponential backoff with jitter, capped at 10 s); then it exits, its "
+                           "prompts stay pending and a peer takes them over")
     token: str | None = Field(None, description="bearer token required when set")
 
 
@@ -202,10 +219,31 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> Config:
-        if self.learner.max_staleness < 0:
-            raise ValueError("learner.max_staleness must be >= 0")
-        if self.learner.batch_prompts < 1 or self.learner.n_samples < 1:
-            raise ValueError("learner.batch_prompts and learner.n_samples must be >= 1")
+        problems = [p for key, (lo, hi) in _RANGES.items() if (p := _out_of_range(self, key, lo, hi))]
+        lc, gc = self.learner, self.generator
+        if lc.max_inflight_prompts is not None and lc.max_inflight_prompts < lc.batch_prompts:
+            problems.append(f"learner.max_inflight_prompts ({lc.max_inflight_prompts}) is below learner.batch_prompts "
+                            f"({lc.batch_prompts}): the feeder would never have a batch in flight")
+        if lc.batch_prompts < lc.num_processes:
+            problems.append(f"learner.batch_prompts ({lc.batch_prompts}) is below learner.num_processes "
+                            f"({lc.num_processes}): a data-parallel rank would get no group")
+        for key, tokens in (("sampling.max_tokens", self.sampling.max_tokens),
+                            ("eval.max_tokens", self.eval.max_tokens)):
+            if tokens >= gc.max_model_len:
+                problems.append(f"{key} ({tokens}) leaves no room for a prompt in generator.max_model_len "
+                                f"({gc.max_model_len})")
+        if self.redis.block_ms >= self.redis.socket_timeout_s * 1000:
+            problems.append(f"redis.block_ms ({self.redis.block_ms}) must be below redis.socket_timeout_s "
+                            f"({self.redis.socket_timeout_s} s), or a blocking read times out its own socket")
+        if self.task.max_terms < self.task.min_terms:
+            problems.append(f"task.max_terms ({self.task.max_terms}) is below task.min_terms ({self.task.min_terms})")
+        ws = self.weight_sync
+        if ws.port and ws.port + ws.port_span - 1 > 65535:
+            problems.append(f"weight_sync.port + port_span - 1 ({ws.port + ws.port_span - 1}) is past 65535")
+        if not all(0 <= b < 1 for b in lc.betas):
+            problems.append(f"learner.betas must each be in [0, 1), got {list(lc.betas)}")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     @property
@@ -220,6 +258,74 @@ class Config(_Section):
     def max_inflight_prompts(self) -> int:
         lc = self.learner
         return lc.max_inflight_prompts or lc.batch_prompts * (lc.max_staleness + 1)
+
+
+# Impossible values: (lowest, highest) allowed, None for no bound. A float bound given as an exclusive
+# `("gt", x)` pair means strictly above x.
+_RANGES: dict[str, tuple[Any, Any]] = {
+    **{f"model.{k}": (1, None) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                                        "num_kv_heads", "pretrain_batch")},
+    "model.pretrain_steps": (0, None), "model.pretrain_lr": (("gt", 0), None), "model.answer_correct_prob": (0, 1),
+    **{f"task.{k}": (1, None) for k in ("max_prompt_tokens", "min_terms", "max_terms", "max_operand", "eval_size")},
+    "sampling.temperature": (0, 10), "sampling.top_p": (("gt", 0), 1), "sampling.max_tokens": (1, None),
+    "redis.claim_idle_ms": (1, None), "redis.block_ms": (1, None),
+    "reward.port": (0, 65535), "reward.grade_timeout_s": (("gt", 0), None), "reward.worker_mem_mb": (64, None),
+    **{f"reward.{k}": (1, None) for k in ("workers", "grader_procs", "max_items", "max_response_chars",
+                                         "max_request_mb", "max_reference_chars")},
+    "generator.num": (0, None), "generator.weight_wait_s": (0, None), "generator.heartbeat_s": (("gt", 0), None),
+    "generator.metrics_port": (0, 65535), "generator.max_model_len": (2, None),
+    **{f"generator.{k}": (1, None) for k in ("prompts_per_batch", "max_inflight_requests", "kv_cache_mb", "threads",
+                                            "max_num_seqs")},
+    **{f"learner.{k}": (1, None) for k in ("total_steps", "batch_prompts", "n_samples", "max_inflight_prompts",
+                                          "max_tokens_per_microbatch", "keep_checkpoints", "policy_steps_per_iter",
+                                          "critic_steps_per_iter", "num_processes", "threads", "eval_size")},
+    **{f"learner.{k}": (0, None) for k in ("max_staleness", "kl_coef", "entropy_coef", "checkpoint_every",
+                                          "warmup_steps", "weight_decay", "eval_every")},
+    **{f"learner.{k}": (("gt", 0), None) for k in ("clip_eps", "value_clip", "actor_lr", "critic_lr", "grad_clip",
+                                                  "wait_timeout_s")},
+    "learner.gamma": (0, 1), "learner.lam": (0, 1), "learner.is_cap": (1, None), "learner.metrics_port": (0, 65535),
+    "weight_sync.port": (0, 65535), "weight_sync.bucket_mb": (1, None), "weight_sync.timeout_s": (("gt", 0), None),
+    "eval.temperature": (0, 10), "eval.samples": (1, None), "eval.max_tokens": (1, None),
+}
+
+
+def _out_of_range(cfg: BaseModel, key: str, lo: Any, hi: Any) -> str | None:
+    section, name = key.split(".")
+    value = getattr(getattr(cfg, section), name)
+    if value is None:
+        return None
+    strict = isinstance(lo, tuple)
+    low = lo[1] if strict else lo
+    if (low is not None and (value <= low if strict else value < low)) or (hi is not None and value > hi):
+        bounds = f"{'>' if strict else '>='} {low}" if hi is None else f"in {'(' if strict else '['}{low}, {hi}]"
+        return f"{key} must be {bounds}, got {value!r}"
+    return None
+
+
+class ConfigError(ValueError):
+    """The configuration cannot run: every problem found, one per line, each naming its key."""
+
+
+def _explain(exc: ValidationError, source: str) -> ConfigError:
+    """pydantic's errors as one line per key, with a suggestion for a misspelt one."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            section = Config
+            for part in err["loc"][:-1]:
+                field = section.model_fields.get(str(part))
+                section = field.annotation if field is not None and isinstance(field.annotation, type) else None
+                if section is None:
+                    break
+            known = list(section.model_fields) if section is not None else []
+            close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+            lines.append(f"{loc}: unknown key" + (f" (did you mean {close[0]}?)" if close else ""))
+        elif err["type"] == "value_error" and not err["loc"]:
+            lines.extend(str(err["ctx"]["error"]).splitlines())
+        else:
+            lines.append(f"{loc}: {err['msg']}, got {err.get('input')!r}")
+    return ConfigError(f"invalid configuration ({source}):\n" + "\n".join(f"  - {line}" for line in lines))
 
 
 def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
@@ -272,7 +378,19 @@ def load_config(
     data = _merge(data, env_overrides(os.environ if environ is None else environ))
     if overrides:
         data = _merge(data, overrides)
-    return Config.model_validate(data)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise _explain(exc, f"{path or 'defaults'} + ORZ__ environment + overrides") from None
+
+
+def require_model(cfg: Config) -> None:
+    """For processes that load the base model (learner, generator, eval): a clear error when it is not there."""
+    path = cfg.model.path
+    if not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "has no config.json (not a Hugging Face model directory)"
+        raise ConfigError(f"model.base_path {path} {what}: build the tiny model with `orz make-base-model`, or "
+                          f"point model.base_path at an HF-format model")
 
 
 def config_to_env(cfg: Config) -> dict[str, str]:

@@ -333,6 +333,11 @@ class StreamQueue(Generic[M]):
                 self._dead_letter(entry_id, payload, f"{self.message_cls.__name__}: {exc}")
         return good
 
+    def reject(self, entry_id: str, reason: str, raw: bytes = b"") -> None:
+        """Dead-letter an entry that decoded but cannot be used (its consumer checked it against what it
+        expected: a prompt the engine refuses, a group that does not answer the task that was fed)."""
+        self._dead_letter(entry_id, raw, reason)
+
     def _dead_letter(self, entry_id: str, raw: bytes, reason: str) -> None:
         """Copy the entry to the dead-letter stream and ack it here, atomically, so it is handled once."""
         log.warning("%r: entry %s dead-lettered: %s", self, entry_id, reason)

@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -28,9 +29,13 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 import redis
+from redis.backoff import EqualJitterBackoff, NoBackoff
+from redis.retry import Retry
 
 if TYPE_CHECKING:
     from typing_extensions import Self
+
+    from services.config import RedisConfig
 
 log = logging.getLogger("orz.redis_server")
 
@@ -47,20 +52,98 @@ class RedisServerError(RuntimeError):
     """The embedded redis-server could not be started (binary missing, crashed at start-up, or never answered)."""
 
 
-def connect(url: str, socket_timeout_s: float = 10.0) -> redis.Redis:
+class _DeadlineRetry(Retry):
+    """Retries a call that failed on a lost connection (Redis restarting, a network blip) with jittered
+    exponential backoff until `retry_s` have passed, then raises. A refused password or ACL, or a server
+    certificate the configured CA did not sign, is not retried: waiting cannot fix it, and the operator should
+    see it at once."""
+
+    def __init__(self, retry_s: float, cap_s: float = 2.0, base_s: float = 0.05) -> None:
+        super().__init__(EqualJitterBackoff(cap=cap_s, base=base_s), retries=-1,
+                         supported_errors=(redis.ConnectionError, redis.TimeoutError, socket.timeout))
+        self.retry_s = retry_s
+
+    def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):  # noqa: ANN001, ANN201
+        self._backoff.reset()
+        failures = 0
+        deadline = time.monotonic() + self.retry_s
+        while True:
+            try:
+                result = do()
+            except (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError):
+                raise
+            except redis.ConnectionError as error:
+                if isinstance(error.__context__, ssl.SSLCertVerificationError):  # a wrong CA: waiting cannot fix it
+                    raise redis.ConnectionError(f"TLS: {error.__context__}") from error
+                failures = self._failed(error, failures, deadline, fail, is_retryable, with_failure_count)
+            except self._supported_errors as error:
+                failures = self._failed(error, failures, deadline, fail, is_retryable, with_failure_count)
+            else:
+                if failures:
+                    log.info("Redis reachable again after %d failed attempt(s)", failures)
+                return result
+
+    def _failed(self, error, failures, deadline, fail, is_retryable, with_failure_count) -> int:  # noqa: ANN001
+        """Counts a failed attempt and sleeps before the next; re-raises once `retry_s` is spent."""
+        if is_retryable and not is_retryable(error):
+            raise error
+        failures += 1
+        if with_failure_count:
+            fail(error, failures)
+        else:
+            fail(error)
+        if time.monotonic() >= deadline:
+            if self.retry_s:
+                log.error("Redis unreachable for %.0f s (%s); giving up", self.retry_s, error)
+            raise error
+        if failures == 1:
+            log.warning("Redis call failed (%s: %s); retrying with backoff for up to %.0f s",
+                        type(error).__name__, error.__context__ or error, self.retry_s)
+        time.sleep(min(self._backoff.compute(failures), max(0.0, deadline - time.monotonic())))
+        return failures
+
+
+def connect(url: str, socket_timeout_s: float = 10.0, *, username: str | None = None,
+            password: str | None = None, tls: bool = False, tls_ca_file: str | None = None,
+            tls_cert_file: str | None = None, tls_key_file: str | None = None,
+            retry_s: float = 0.0) -> redis.Redis:
     """A client whose every call is bounded by `socket_timeout_s`, so a dead Redis fails loudly, never hangs.
 
     Replies are bytes (`decode_responses=False`): queue payloads are binary msgpack. Blocking reads such as
     XREADGROUP BLOCK must block for less than `socket_timeout_s`, or the socket times out first.
+    `username`/`password` authenticate as an ACL user (they override any in the URL); `tls` (or a
+    `rediss://` URL) encrypts the connection, verified against `tls_ca_file`, with a client certificate
+    when the server asks for one. `retry_s` > 0 retries calls that fail on a lost connection for that long
+    (`_DeadlineRetry`): a retried write may then be applied twice, which the queues' at-least-once
+    delivery already allows for (duplicates carry their `task_id`).
     """
     if socket_timeout_s <= 0:
         raise ValueError(f"socket_timeout_s must be > 0, got {socket_timeout_s}")
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=socket_timeout_s,
-        socket_connect_timeout=socket_timeout_s,
-        decode_responses=False,
-    )
+    kwargs: dict = {"socket_timeout": socket_timeout_s, "socket_connect_timeout": socket_timeout_s,
+                    "decode_responses": False}
+    if username is not None:
+        kwargs["username"] = username
+    if password is not None:
+        kwargs["password"] = password
+    if tls and url.startswith("redis://"):
+        url = "rediss://" + url.removeprefix("redis://")
+    if url.startswith("rediss://"):
+        kwargs.update(ssl_ca_certs=tls_ca_file, ssl_certfile=tls_cert_file, ssl_keyfile=tls_key_file,
+                      ssl_cert_reqs="required")
+    if retry_s > 0:
+        kwargs["retry"] = _DeadlineRetry(retry_s)
+    else:
+        kwargs["retry"] = Retry(NoBackoff(), 0)
+    return redis.Redis.from_url(url, **kwargs)
+
+
+def connect_cfg(rc: RedisConfig) -> redis.Redis:
+    """The client every process uses: `connect()` with the run's `redis` section (URL, ACL user, TLS, retry)."""
+    if rc.url is None:
+        raise ValueError("redis.url is not set (ORZ__REDIS__URL): point the process at the run's Redis")
+    return connect(rc.url, rc.socket_timeout_s, username=rc.username, password=rc.password, tls=rc.tls,
+                   tls_ca_file=rc.tls_ca_file, tls_cert_file=rc.tls_cert_file, tls_key_file=rc.tls_key_file,
+                   retry_s=rc.retry_s)
 
 
 def find_redis_server(binary: str = "redis-server") -> str:
@@ -97,8 +180,9 @@ def _die_with_parent() -> None:
         libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def _terminate(proc: subprocess.Popen[bytes], workdir: str, timeout_s: float) -> None:
-    """SIGTERM, wait, then SIGKILL; then remove the server's directory. Safe to call twice."""
+def _terminate(proc: subprocess.Popen[bytes], workdir: str | None, timeout_s: float) -> None:
+    """SIGTERM, wait, then SIGKILL; then remove the server's directory (unless it is the caller's). Safe to call
+    twice."""
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -107,7 +191,8 @@ def _terminate(proc: subprocess.Popen[bytes], workdir: str, timeout_s: float) ->
             log.warning("redis-server pid %d ignored SIGTERM for %.1fs; killing it", proc.pid, timeout_s)
             proc.kill()
             proc.wait(timeout=timeout_s)
-    shutil.rmtree(workdir, ignore_errors=True)
+    if workdir is not None:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 class EmbeddedRedis:
@@ -126,6 +211,8 @@ class EmbeddedRedis:
         stop_timeout_s: float = 5.0,
         extra_args: Sequence[str] = (),
         die_with_parent: bool = True,
+        workdir: str | None = None,
+        appendonly: bool = False,
     ) -> None:
         self.binary = binary
         self.requested_port = port
@@ -133,6 +220,9 @@ class EmbeddedRedis:
         self.stop_timeout_s = stop_timeout_s
         self.extra_args = tuple(extra_args)
         self.die_with_parent = die_with_parent and sys.platform.startswith("linux")
+        # A given `workdir` is kept (a restart with `appendonly` reloads the AOF from it); else a temporary one.
+        self.keep_dir = workdir
+        self.appendonly = appendonly
         self.port: int | None = None
         self.workdir: str | None = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -172,7 +262,9 @@ class EmbeddedRedis:
 
     def _start_once(self, binary: str, port: int) -> str | None:
         """One start-up attempt; None on success, else the reason (the server is then fully cleaned up)."""
-        workdir = tempfile.mkdtemp(prefix="orz-redis-")
+        if self.keep_dir is not None:
+            os.makedirs(self.keep_dir, exist_ok=True)
+        workdir = self.keep_dir or tempfile.mkdtemp(prefix="orz-redis-")
         logfile = Path(workdir) / "redis.log"
         args = [
             binary,
@@ -180,7 +272,7 @@ class EmbeddedRedis:
             "--bind", HOST,
             "--protected-mode", "yes",
             "--save", "",
-            "--appendonly", "no",
+            *(("--appendonly", "yes", "--appendfsync", "everysec") if self.appendonly else ("--appendonly", "no")),
             "--dir", workdir,
             "--logfile", str(logfile),
             "--daemonize", "no",
@@ -198,10 +290,12 @@ class EmbeddedRedis:
                 preexec_fn=_die_with_parent if self.die_with_parent else None,  # noqa: PLW1509
             )
         except OSError as exc:
-            shutil.rmtree(workdir, ignore_errors=True)
+            if self.keep_dir is None:
+                shutil.rmtree(workdir, ignore_errors=True)
             raise RedisServerError(f"could not run {binary!r} ({exc}); {_INSTALL_HINT}") from exc
         self.proc, self.port, self.workdir = proc, port, workdir
-        self._finalizer = weakref.finalize(self, _terminate, proc, workdir, self.stop_timeout_s)
+        self._finalizer = weakref.finalize(self, _terminate, proc, None if self.keep_dir else workdir,
+                                           self.stop_timeout_s)
 
         deadline = time.monotonic() + self.startup_timeout_s
         while True:
@@ -219,9 +313,12 @@ class EmbeddedRedis:
 
     @staticmethod
     def _ping(port: int) -> bool:
-        client = redis.Redis(host=HOST, port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        client = redis.Redis(host=HOST, port=port, socket_timeout=0.5, socket_connect_timeout=0.5,
+                             retry=Retry(NoBackoff(), 0))
         try:
             return bool(client.ping())
+        except redis.AuthenticationError:  # up, and asks for a password (`requirepass` in extra_args)
+            return True
         except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
             return False
         finally:
@@ -234,6 +331,13 @@ class EmbeddedRedis:
         except OSError:
             return "(no log)"
         return " | ".join(tail) or "(empty log)"
+
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash would (the fault-injection tests); `start()` brings it back."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.stop()
 
     def stop(self) -> None:
         """SIGTERM the server, wait, SIGKILL if it lingers, and delete its directory. Idempotent."""

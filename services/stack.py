@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from services.config import Config, config_to_env
 from services.metrics import free_port
 from services.queue import Keys
-from services.redis_server import EmbeddedRedis, connect
+from services.redis_server import EmbeddedRedis, connect_cfg
 
 console = Console()
 
@@ -129,7 +129,7 @@ def up(cfg: Config, evaluate: bool = True, resume: bool = False) -> int:
             children.append(Child("reward_server", ["reward-server"], env, log_dir))
         _wait("the reward server", lambda: _healthy(f"{cfg.reward.url}/healthz"), 120, children)
 
-        redis = connect(cfg.redis.url, cfg.redis.socket_timeout_s)
+        redis = connect_cfg(cfg.redis)
         keys = Keys(cfg.namespace)
         launcher = None
         if cfg.learner.num_processes > 1:  # data parallel: torchrun starts the ranks (learner/parallel.py)

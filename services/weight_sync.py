@@ -18,6 +18,8 @@ keeps one flat buffer per bucket and hands out views into them, valid until its 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Iterable
@@ -32,6 +34,15 @@ log = logging.getLogger("orz.weight_sync")
 
 STOP_VERSION = -1  # header version: the learner closes the group for good
 REFORM_VERSION = -2  # header version: membership changed; join the group of the next announcement
+
+
+def layout_digest(names: Iterable[str], shapes: Iterable[tuple[int, ...]]) -> str:
+    """A short fingerprint of a model's parameter names and shapes. Generators put theirs in the heartbeat and
+    the learner forms weight-sync groups only with those whose layout is its own: the rendezvous has no
+    authentication, so this is what stops a generator serving another model from joining and receiving
+    tensors it would load into the wrong places."""
+    text = json.dumps(sorted([n, list(s)] for n, s in zip(names, shapes, strict=True)))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def resolve_backend(backend: str) -> str:

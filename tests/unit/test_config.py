@@ -5,9 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 
-from services.config import Config, config_to_env, env_overrides, load_config, reference_markdown
+from services.config import (
+    Config,
+    ConfigError,
+    config_to_env,
+    env_overrides,
+    load_config,
+    reference_markdown,
+    require_model,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,9 +38,9 @@ def test_precedence_yaml_then_env_then_overrides(tmp_path: Path) -> None:
 
 
 def test_unknown_keys_and_bad_values_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValidationError, match="totl_steps"):
+    with pytest.raises(ConfigError, match=r"learner\.totl_steps: unknown key \(did you mean total_steps\?\)"):
         load_config(environ={"ORZ__LEARNER__TOTL_STEPS": "5"})
-    with pytest.raises(ValidationError, match="max_staleness"):
+    with pytest.raises(ConfigError, match=r"learner\.max_staleness must be >= 0, got -1"):
         load_config(environ={"ORZ__LEARNER__MAX_STALENESS": "-1"})
     path = tmp_path / "list.yaml"
     path.write_text("- 1\n- 2\n")
@@ -56,3 +63,56 @@ def test_shipped_configs_load() -> None:
 def test_readme_config_reference_is_current() -> None:
     readme = (ROOT / "README.md").read_text()
     assert reference_markdown() in readme, "regenerate the README table with services.config.reference_markdown()"
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"ORZ__GENERATOR__MAX_INFLGHT_REQUESTS": "4"}, r"generator\.max_inflght_requests: unknown key \(did you mean "
+     r"max_inflight_requests\?\)"),
+    ({"ORZ__NOPE": "1"}, r"  - nope: unknown key"),
+    ({"ORZ__SAMPLING__TOP_P": "0"}, r"sampling\.top_p must be in \(0, 1\], got 0\.0"),
+    ({"ORZ__LEARNER__GAMMA": "1.5"}, r"learner\.gamma must be in \[0, 1\], got 1\.5"),
+    ({"ORZ__LEARNER__ACTOR_LR": "0"}, r"learner\.actor_lr must be > 0, got 0\.0"),
+    ({"ORZ__REWARD__PORT": "70000"}, r"reward\.port must be in \[0, 65535\], got 70000"),
+    ({"ORZ__LEARNER__BATCH_PROMPTS": "8", "ORZ__LEARNER__MAX_INFLIGHT_PROMPTS": "4"},
+     r"max_inflight_prompts \(4\) is below learner\.batch_prompts \(8\)"),
+    ({"ORZ__LEARNER__BATCH_PROMPTS": "2", "ORZ__LEARNER__NUM_PROCESSES": "4"},
+     r"batch_prompts \(2\) is below learner\.num_processes \(4\)"),
+    ({"ORZ__SAMPLING__MAX_TOKENS": "256"}, r"sampling\.max_tokens \(256\) leaves no room for a prompt"),
+    ({"ORZ__REDIS__BLOCK_MS": "20000"}, r"redis\.block_ms \(20000\) must be below redis\.socket_timeout_s"),
+    ({"ORZ__LEARNER__BETAS": "[0.9, 1.0]"}, r"learner\.betas must each be in \[0, 1\)"),
+    ({"ORZ__REWARD__WORKERS": "two"}, r"reward\.workers: Input should be a valid integer.*got 'two'"),
+])
+def test_impossible_values_are_refused_naming_the_key(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(environ=env)
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={"ORZ__LEARNER__MAX_STALENESS": "-1", "ORZ__SAMPLING__TOP_P": "2",
+                             "ORZ__EVAL__SAMPLES": "0"})
+    lines = [x for x in str(info.value).splitlines() if x.startswith("  - ")]
+    assert len(lines) == 3, str(info.value)
+
+
+def test_a_missing_model_is_named(tmp_path: Path) -> None:
+    cfg = load_config(environ={"ORZ__MODEL__BASE_PATH": str(tmp_path / "nowhere")})
+    with pytest.raises(ConfigError, match="nowhere does not exist: build the tiny model with `orz make-base-model`"):
+        require_model(cfg)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="has no config.json"):
+        require_model(load_config(environ={"ORZ__MODEL__BASE_PATH": str(tmp_path / "empty")}))
+
+
+def test_cli_refuses_a_bad_config_with_exit_code_2(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "services.cli", "learner", "--set",
+                          f"model.base_path={tmp_path / 'nowhere'}"], check=False, cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 2 and "config error" in out.stderr and "nowhere does not exist" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "services.cli", "generator", "--set", "learner.max_staleness=-2"],
+                         check=False, cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 2 and "learner.max_staleness must be >= 0, got -2" in out.stderr
