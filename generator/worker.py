@@ -451,5 +451,5 @@ class Generator:
             log.info("generator %s stopped", self.id)
 
 
-def run(cfg: Config) -> None:
-    Generator(cfg).run()
+def run(cfg: Config, generator_id: str | None = None) -> None:
+    Generator(cfg, generator_id).run()

@@ -6,10 +6,11 @@ forms a new group for exactly the live ones: it tells the old members to leave (
 publishes a `WeightsAnnouncement` with a fresh session, port and member list (member i joins as rank i + 1),
 waits for them to join, and sends the current weights at once, so a generator that joined late (or after a
 learner resume) is current before it samples. A broadcast that fails (a member died mid-transfer: gloo
-reports the closed connection) closes the group; the next `sync` forms one for whoever is still alive, so
-the learner and the other members carry on. A member that never joins makes formation time out
-(`weight_sync.timeout_s`); the learner goes on training with the trajectories it has, and tries again
-once the heartbeats have changed or `retry_s` has passed.
+reports the closed connection, or a hung one is cut off by the `weight_sync.timeout_s` collective timeout)
+closes the group; the next `sync` forms one for the generators that heartbeat after the failure, so the
+learner and the other members carry on within about one heartbeat period. A member that never joins makes
+formation time out (`weight_sync.timeout_s`); the learner goes on training with the trajectories it has,
+and forms the next group from the generators that heartbeat after that.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ class WeightGroup:
         self.formations = 0
         self._attempt = 0  # groups tried so far (formed or not)
         self._failed: tuple[tuple[str, ...], float] | None = None  # members that did not join, and when
+        # When the last broadcast (or formation) failed: only generators that heartbeat after it are asked into a
+        # group. The dead member's heartbeat stays fresh for up to 3 periods; asking it in would make formation
+        # wait the whole `weight_sync.timeout_s` for a process that is gone. Live generators beat every period.
+        self._broken_at: float | None = None
 
     def live(self) -> tuple[str, ...]:
         """Generators whose heartbeat is fresher than 3 heartbeat periods and whose model layout (names and
@@ -62,6 +67,8 @@ class WeightGroup:
             except (ValueError, KeyError, TypeError):
                 log.warning("unreadable heartbeat of %r in %s", gid, self.keys.generators)
                 continue
+            if self._broken_at is not None and float(beat["ts"]) <= self._broken_at:
+                continue  # not heard from since a broadcast failed: the member that broke it, until it beats again
             layout = beat.get("layout")
             if fresh and layout is not None and layout != self.layout:
                 if gid not in self.refused:
@@ -86,9 +93,10 @@ class WeightGroup:
         try:
             seconds = self.sender.send(version, state)
         except Exception as exc:  # a member died mid-broadcast
-            log.warning("weight broadcast of v%d failed (%s); re-forming the group with the live generators",
-                        version, exc)
+            log.warning("weight broadcast of v%d failed (%s); re-forming the group with the generators that "
+                        "heartbeat from now on", version, exc)
             self._close()
+            self._broken_at = time.time()
             return None
         self.sent_version = version
         return seconds
@@ -117,6 +125,7 @@ class WeightGroup:
             log.warning("weight-sync group of %s not formed in %.0f s (%s); will retry", list(live),
                         time.time() - t0, exc)
             self._failed = (live, time.time())
+            self._broken_at = time.time()
             self.redis.delete(self.keys.weights_meta)
             return
         self.sender, self.members, self.sent_version, self.announcement = sender, live, -1, ann

@@ -98,9 +98,13 @@ def health(url: str = typer.Option(
 
 
 @app.command()
-def generator(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt) -> None:
+def generator(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt,
+              id_: str | None = typer.Option(
+                  None, "--id", envvar="ORZ_GENERATOR_ID",
+                  help="generator id (default gen-<host>-<pid>); a restarted generator that keeps its id (a pod "
+                  "name) takes its old place in the weight-sync group")) -> None:
     """Run one generator (vLLM engine pulling prompts from Redis)."""
-    _entry("generator.worker")(_setup(config, set_, "generator", needs_model=True))
+    _entry("generator.worker")(_setup(config, set_, "generator", needs_model=True), id_)
 
 
 @app.command("reward-server")

@@ -230,9 +230,10 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
-        if self.port is None:
-            raise RuntimeError("EmbeddedRedis is not started")
-        return f"redis://{HOST}:{self.port}/0"
+        port = self.port if self.port is not None else self.requested_port
+        if port is None:
+            raise RuntimeError("EmbeddedRedis is not started (and has no fixed port)")
+        return f"redis://{HOST}:{port}/0"
 
     @property
     def pid(self) -> int | None:

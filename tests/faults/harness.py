@@ -1,0 +1,232 @@
+"""The tiny stack as separate OS processes, for fault injection: a real redis-server with AOF (`everysec`, in
+a directory that survives a restart), one or more real reward servers, the learner and vLLM generators with
+fixed ids, each its own process with its own log. Tests kill, stop, restart and poison parts of it and then
+check the accounting with `check_accounting`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from services.config import Config, config_to_env, load_config
+from services.metrics import free_port
+from services.queue import Keys, dead_letters
+from services.redis_server import EmbeddedRedis, connect
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Proc:
+    def __init__(self, name: str, args: list[str], env: dict[str, str], logs: Path) -> None:
+        self.name, self.args, self.env, self.logs = name, args, env, logs
+        self.log = logs / f"{name}.log"
+        self.expected_exit = False  # killed on purpose
+        self._start()
+
+    def _start(self) -> None:
+        self._f = self.log.open("ab")
+        self.p = subprocess.Popen([sys.executable, "-m", "services.cli", *self.args], cwd=ROOT, env=self.env,
+                                  stdout=self._f, stderr=subprocess.STDOUT, start_new_session=True)
+        self.expected_exit = False
+
+    def restart(self) -> None:
+        assert self.p.poll() is not None, f"{self.name} is still running"
+        self._f.close()
+        self._start()
+
+    @property
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            self.expected_exit = True
+        self.p.send_signal(sig)
+        if sig == signal.SIGKILL:
+            self.p.wait(10)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.expected_exit = True
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGCONT)
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(30)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait(5)
+        self._f.close()
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class Stack:
+    def __init__(self, tmp: Path, name: str, *, steps: int, batch: int = 4, generators: int = 2,
+                 reward_replicas: int = 1, overrides: dict[str, Any] | None = None) -> None:
+        self.tmp = tmp
+        self.redis = EmbeddedRedis(port=free_port(), workdir=str(tmp / "redis"), appendonly=True)
+        self.reward_ports = [free_port() for _ in range(reward_replicas)]
+        settings = {
+            "run_dir": str(tmp / "runs"), "run_name": name,
+            "redis": {"url": self.redis.url, "claim_idle_ms": 3000, "reclaim_every_s": 1.0, "retry_s": 60},
+            "reward": {"url": ",".join(f"http://127.0.0.1:{p}" for p in self.reward_ports),
+                       "port": self.reward_ports[0], "request_timeout_s": 5.0, "retry_s": 120},
+            "learner": {"total_steps": steps, "batch_prompts": batch, "n_samples": 4, "wait_timeout_s": 300},
+            "generator": {"heartbeat_s": 1.0},
+            "weight_sync": {"timeout_s": 10},
+        }
+        self.cfg: Config = load_config(ROOT / "configs" / "tiny.yaml", environ={},
+                                       overrides=_merge(settings, overrides or {}))
+        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("ORZ__")}, **config_to_env(self.cfg)}
+        self.logs = tmp / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.run = self.cfg.run_path
+        self.keys = Keys(self.cfg.namespace)
+        self.n_generators = generators
+        self.procs: list[Proc] = []
+        self.rewards: list[Proc] = []
+        self.generators: list[Proc] = []
+        self.learner: Proc | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+    def start(self) -> Stack:
+        self.redis.start()
+        for i, port in enumerate(self.reward_ports):
+            self.rewards.append(self._spawn(f"reward-{i}", ["reward-server", "--set", f"reward.port={port}"]))
+        for port in self.reward_ports:
+            self.wait(f"reward server :{port}", lambda p=port: _ok(f"http://127.0.0.1:{p}/healthz"), 120)
+        self.learner = self._spawn("learner", ["learner"])
+        client = self.client()
+        self.wait("the learner to reset the streams", lambda: client.exists(self.keys.policy_version) == 1, 300)
+        for i in range(self.n_generators):
+            self.generators.append(self._spawn(f"gen-{i}", ["generator", "--id", f"gen-{i}"]))
+        return self
+
+    def _spawn(self, name: str, args: list[str]) -> Proc:
+        proc = Proc(name, args, self.env, self.logs)
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for p in sorted(reversed(self.procs), key=lambda p: p.name != "learner"):
+            p.stop()
+        self.redis.stop()
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- observing ---------------------------------------------------------------------------------------
+    def client(self):
+        return connect(self.redis.url, socket_timeout_s=10.0)
+
+    def records(self) -> list[dict]:
+        path = self.run / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+    def wait(self, what: str, check: Callable[[], bool], timeout_s: float) -> float:
+        """Polls `check` until true; fails if it never is or a process dies that nobody killed. Returns the
+        seconds waited."""
+        t0 = time.time()
+        while time.time() - t0 < timeout_s:
+            if check():
+                return time.time() - t0
+            for p in self.procs:
+                if not p.alive and not p.expected_exit:
+                    raise AssertionError(f"{p.name} exited ({p.p.returncode}) waiting for {what}:\n{p.text()[-4000:]}")
+            time.sleep(0.1)
+        raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+    def wait_steps(self, n: int, timeout_s: float = 300) -> float:
+        return self.wait(f"step {n}", lambda: len(self.records()) >= n, timeout_s)
+
+    def finish(self, timeout_s: float = 600) -> None:
+        self.wait("the run to finish", lambda: (self.run / "DONE").exists(), timeout_s)
+        assert self.learner is not None
+        assert self.learner.p.wait(120) == 0, self.learner.text()[-4000:]
+
+    def dead_letters(self) -> list:
+        return dead_letters(self.client(), self.keys.dead, count=10_000)
+
+
+def _ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def check_accounting(stack: Stack) -> dict[str, int]:
+    """The invariant every fault test asserts: every task id the feeder fed is trained exactly once, dropped as
+    stale (and counted), or still in flight at the end and findable in Redis; none is lost, none trained twice.
+    Returns the counts."""
+    run = stack.run
+    ledger = [json.loads(x) for x in (run / "tasks.jsonl").read_text().splitlines()]
+    fed = [e["task_id"] for e in ledger if e["event"] == "fed"]
+    refed = [e["task_id"] for e in ledger if e["event"] == "refed"]
+    trained = [e["task_id"] for e in ledger if e["event"] == "trained"]
+    dropped = [e["task_id"] for e in ledger if e["event"] == "dropped_stale"]
+    done = json.loads((run / "DONE").read_text())
+    inflight = set(done["inflight"])
+
+    assert len(fed) == len(set(fed)), "a task id was fed twice as new"
+    assert set(refed) <= set(fed), "a task was fed again that was never fed"
+    assert len(trained) == len(set(trained)), "a task was trained twice"
+    assert len(dropped) == len(set(dropped)) and not set(dropped) & set(trained)
+    assert not inflight & (set(trained) | set(dropped))
+    assert set(fed) == set(trained) | set(dropped) | inflight, "a fed task is neither trained, dropped nor in flight"
+    assert done["unaccounted"] == [], f"in flight but in neither stream: {done['unaccounted']}"
+    assert len(inflight) <= stack.cfg.max_inflight_prompts
+
+    records = stack.records()
+    cfg = stack.cfg.learner
+    assert [r["step"] for r in records] == list(range(1, cfg.total_steps + 1))
+    assert [t for r in records for t in r["task_ids"]] == trained  # what was trained is what the ledger says
+    assert records[-1]["dropped_stale_total"] == len(dropped)  # every drop counted
+    assert all(len(r["task_ids"]) == cfg.batch_prompts for r in records)
+    return {"fed": len(fed), "refed": len(refed), "trained": len(trained), "dropped_stale": len(dropped),
+            "inflight": len(inflight), "duplicates": done["duplicates"], "dead_lettered": done["dead_lettered"]}
+
+
+def step_times(stack: Stack) -> list[float]:
+    """Wall-clock time at which each step finished."""
+    return [r["time"] for r in stack.records()]
+
+
+def recovery_s(stack: Stack, fault_at: float, steps: int = 1) -> float:
+    """Seconds from `fault_at` until `steps` more learner steps had finished."""
+    after = [t for t in step_times(stack) if t > fault_at]
+    assert len(after) >= steps, "no step finished after the fault"
+    return round(after[steps - 1] - fault_at, 2)
+
+
+def write_report(name: str, report: dict) -> None:
+    """Appends a fault test's measurements to $ORZ_FAULT_REPORT (a JSON-lines file) when set: the README's
+    failure-modes table is built from these."""
+    path = os.environ.get("ORZ_FAULT_REPORT")
+    print(f"fault report {name}: {json.dumps(report)}")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"fault": name, **report}) + "\n")
