@@ -90,7 +90,12 @@ class VllmEngine:
             stop=list(params.stop), include_stop_str_in_output=True, logprobs=0, detokenize=True,
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
-        self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(prompt_ids)), vparams)
+        from vllm.exceptions import VLLMValidationError
+
+        try:
+            self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(prompt_ids)), vparams)
+        except VLLMValidationError as exc:  # a prompt vLLM will not take (a token id past the vocabulary, …)
+            raise ValueError(f"request {request_id}: {exc}") from None
 
     def step(self) -> list[tuple[str, list[Completion]]]:
         """One engine step; returns the requests that finished in it."""

@@ -96,6 +96,9 @@ class TransformersEngine:
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"request {request_id}: prompt of {len(prompt_ids)} tokens does not fit "
                              f"max_model_len {self.max_model_len}")
+        vocab = self.model.config.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise ValueError(f"request {request_id}: token id outside the vocabulary [0, {vocab})")
         self.queue.append(_Request(request_id, list(prompt_ids), params, n, [None] * n))
 
     def has_unfinished(self) -> bool:

@@ -207,7 +207,7 @@ def check_accounting(stack: Stack) -> dict[str, int]:
     assert records[-1]["dropped_stale_total"] == len(dropped)  # every drop counted
     assert all(len(r["task_ids"]) == cfg.batch_prompts for r in records)
     return {"fed": len(fed), "refed": len(refed), "trained": len(trained), "dropped_stale": len(dropped),
-            "inflight": len(inflight), "duplicates": done["duplicates"], "dead_lettered": done["dead_lettered"]}
+            "inflight": len(inflight), "duplicates": done["duplicates"], "learner_dead_lettered": done["dead_lettered"]}
 
 
 def step_times(stack: Stack) -> list[float]:
