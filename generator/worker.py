@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -204,6 +205,10 @@ class Generator:
         # Finished groups are graded and published on one background thread while the engine keeps stepping
         # (grading is an HTTP round trip per batch of finished groups; the engine would idle through it).
         self._publisher = ThreadPoolExecutor(1, thread_name_prefix="publish")
+        # Prompt entries taken and not yet acked or rejected (in the engine, waiting, or being graded): the
+        # leases `_renew_leases` keeps alive. The publishing thread removes what it acks.
+        self._held: set[str] = set()
+        self._held_lock = threading.Lock()
         self._publishing: deque[Future] = deque()
         self._seq = 0
         self.started = time.time()
@@ -212,7 +217,22 @@ class Generator:
         self._window_tokens = 0
         self._window_start = time.time()
 
+    def _renew_leases(self) -> None:
+        """Resets the idle time of the prompts this generator still holds (XCLAIM JUSTID to itself), so peers
+        reclaim (`claim_idle_ms`) only the prompts of a generator that stopped heartbeating, never those of
+        one that is merely slow: a long generation, or grading held up by a reward-server outage."""
+        with self._held_lock:
+            held = set(self._held)
+        if not held:
+            return
+        mine = self.redis.xpending_range(self.keys.prompts, PROMPT_GROUP, "-", "+", len(held) + 64,
+                                         consumername=self.id)
+        ids = [p["message_id"] for p in mine if _text(p["message_id"]) in held]
+        if ids:
+            self.redis.xclaim(self.keys.prompts, PROMPT_GROUP, self.id, 0, ids, justid=True)
+
     def _heartbeat(self) -> None:
+        self._renew_leases()
         state = {"ts": time.time(), "version": self.version, "pid": os.getpid(), "host": socket.gethostname(),
                  "started": self.started, "busy_s": round(self.busy_s, 4), "layout": self.layout}
         self.redis.hset(self.keys.generators, self.id, json.dumps(state))
@@ -285,6 +305,8 @@ class Generator:
                 self.prompts.reject(entry_id, problem, task.to_bytes())
                 self.metrics.rejected.inc()
         taken = good
+        with self._held_lock:
+            self._held.update(eid for eid, _ in taken)
         if taken:
             oldest = min(int(eid.split("-")[0]) for eid, _ in taken) / 1000.0
             self.metrics.queue_lag.set(max(0.0, time.time() - oldest))
@@ -321,6 +343,7 @@ class Generator:
                 except (ValueError, TypeError) as exc:  # the engine's own checks (a token id past the vocabulary)
                     self.prompts.reject(entry_id, f"engine refused the prompt: {exc}"[:500], task.to_bytes())
                     self.metrics.rejected.inc()
+                    self._release([entry_id])
                     continue
                 self.inflight[rid] = _InFlight(entry_id, task, self.version, time.time())
             else:
@@ -336,7 +359,12 @@ class Generator:
         self.metrics.tokens.inc(n_tokens)
         self._window_tokens += n_tokens
         while len(self._publishing) >= MAX_PUBLISH_BACKLOG:  # grading fell behind: wait for the oldest batch
-            self._publishing.popleft().result()
+            try:
+                self._publishing[0].result(timeout=self.cfg.generator.heartbeat_s)
+            except FutureTimeout:  # still alive, only waiting (a reward-server outage): keep the leases
+                self._heartbeat()
+                continue
+            self._publishing.popleft()
         self._publishing.append(self._publisher.submit(self._publish, jobs, self.version))
 
     def _collect_published(self, block: bool = False) -> None:
@@ -376,7 +404,12 @@ class Generator:
         # Acked only after the trajectories are in Redis: a crash before this leaves the prompts pending,
         # and a live peer reclaims them (ARCHITECTURE.md, step 4).
         self.prompts.ack([job.entry_id for job, _ in jobs])
+        self._release([job.entry_id for job, _ in jobs])
         self.metrics.groups.inc(len(jobs))
+
+    def _release(self, entry_ids: list[str]) -> None:
+        with self._held_lock:
+            self._held.difference_update(entry_ids)
 
     def _log_window(self) -> None:
         elapsed = time.time() - self._window_start
@@ -453,3 +486,7 @@ class Generator:
 
 def run(cfg: Config, generator_id: str | None = None) -> None:
     Generator(cfg, generator_id).run()
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
