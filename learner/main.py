@@ -160,9 +160,10 @@ class Learner:
             st = self.resume_state
             ckpt.truncate(self.run_path / "tasks.jsonl", st["feeder"]["ledger_offset"])
             ckpt.truncate(self.run_path / "metrics.jsonl", st["metrics_offset"])
+            (self.run_path / "STOPPED").unlink(missing_ok=True)
             self.consumed = set(st["consumed"])
         else:  # a fresh run under an existing name starts its logs over
-            for name in ("metrics.jsonl", "tasks.jsonl", "DONE"):
+            for name in ("metrics.jsonl", "tasks.jsonl", "DONE", "STOPPED"):
                 (self.run_path / name).unlink(missing_ok=True)
         self.feeder = Feeder(cfg, self.prompts, self.tokenizer, self.run_path / "tasks.jsonl")
         if self.resume_state is not None:
@@ -376,7 +377,9 @@ class Learner:
         self.feeder.top_up(self.version)
 
         metrics_path = self.run_path / "metrics.jsonl"
-        history = [json.loads(x) for x in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+        # Only the scalars the curves plot: full records (task ids, per-group lists) would grow without bound.
+        history = [_scalars(json.loads(x)) for x in metrics_path.read_text().splitlines()] \
+            if metrics_path.exists() else []
         metrics_file = metrics_path.open("a")
         dropped_total = history[-1]["dropped_stale_total"] if history else 0
         try:
@@ -414,7 +417,7 @@ class Learner:
                 metrics_file.write(json.dumps(_json_safe(record)) + "\n")
                 metrics_file.flush()
                 metrics_offset = metrics_file.tell()
-                history.append(record)
+                history.append(_scalars(record))
                 self._export(record)
                 self._log(record, lc.total_steps)
                 if lc.checkpoint_every and (step % lc.checkpoint_every == 0 or step == lc.total_steps):
@@ -424,15 +427,10 @@ class Learner:
                     plot_curves(history, self.run_path / "curves.png")
             parallel.send_command(self.dp, parallel.CMD_FINAL)
             self._save_models(self.run_path / "checkpoints" / "final", *self._final_states())
-            # The accounting a fault-injection test checks: every task still in flight is somewhere in Redis.
-            inflight = [t for t in self.feeder.pending if t not in self.consumed]
-            (self.run_path / "DONE").write_text(json.dumps({
-                "steps": lc.total_steps, "version": self.version, "inflight": inflight,
-                "unaccounted": self.unaccounted(), "dead_lettered": self.trajectories.dead_lettered,
-                "duplicates": int(self.metrics.duplicates._value.get()),
-            }))
+            self._write_accounting(self.run_path / "DONE")
         except KeyboardInterrupt:
             log.info("learner interrupted at version %d", self.version)
+            self._write_accounting(self.run_path / "STOPPED")
         finally:
             parallel.send_command(self.dp, parallel.CMD_STOP)
             if history:
@@ -441,6 +439,20 @@ class Learner:
             self.feeder.close()
             self.weights.stop()
             server.close()
+
+    def _write_accounting(self, path: Path) -> None:
+        """Where every task stands when the learner ends (DONE) or is stopped (STOPPED): the tasks still in
+        flight, and those of them found in neither stream (lost; the fault-injection tests require none)."""
+        inflight = [t for t in self.feeder.pending if t not in self.consumed]
+        try:
+            unaccounted = self.unaccounted()
+        except Exception as exc:  # Redis gone at shutdown: say so rather than claim all is well
+            unaccounted = [f"unknown: {exc}"]
+        path.write_text(json.dumps({
+            "steps": self.step, "version": self.version, "inflight": inflight, "unaccounted": unaccounted,
+            "dead_lettered": self.trajectories.dead_lettered,
+            "duplicates": int(self.metrics.duplicates._value.get()),
+        }))
 
     def _final_states(self) -> tuple[dict, dict | None]:
         """Full actor and critic states; every rank calls this after CMD_STOP (a collective when sharded)."""
@@ -613,6 +625,10 @@ def invalid_group(group: TrajectoryGroup, task: PromptTask | None, version: int,
         if s.finish_reason not in ("stop", "length", "abort"):
             return f"sample {i}: unknown finish_reason {s.finish_reason[:40]!r}"
     return None
+
+
+def _scalars(record: dict) -> dict:
+    return {k: v for k, v in record.items() if not isinstance(v, (list, dict))}
 
 
 def _text(value) -> str:

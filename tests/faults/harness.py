@@ -146,6 +146,12 @@ class Stack:
             return []
         return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
+    def check_alive(self, what: str = "") -> None:
+        """Fails if a process has exited that nobody killed."""
+        for p in self.procs:
+            if not p.alive and not p.expected_exit:
+                raise AssertionError(f"{p.name} exited ({p.p.returncode}) {what}:\n{p.text()[-4000:]}")
+
     def wait(self, what: str, check: Callable[[], bool], timeout_s: float) -> float:
         """Polls `check` until true; fails if it never is or a process dies that nobody killed. Returns the
         seconds waited."""
@@ -153,9 +159,7 @@ class Stack:
         while time.time() - t0 < timeout_s:
             if check():
                 return time.time() - t0
-            for p in self.procs:
-                if not p.alive and not p.expected_exit:
-                    raise AssertionError(f"{p.name} exited ({p.p.returncode}) waiting for {what}:\n{p.text()[-4000:]}")
+            self.check_alive(f"waiting for {what}")
             time.sleep(0.1)
         raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
@@ -178,17 +182,17 @@ def _ok(url: str) -> bool:
         return False
 
 
-def check_accounting(stack: Stack) -> dict[str, int]:
+def check_accounting(stack: Stack, final: str = "DONE") -> dict[str, int]:
     """The invariant every fault test asserts: every task id the feeder fed is trained exactly once, dropped as
     stale (and counted), or still in flight at the end and findable in Redis; none is lost, none trained twice.
-    Returns the counts."""
+    `final`: DONE (the run finished) or STOPPED (the learner was stopped early). Returns the counts."""
     run = stack.run
     ledger = [json.loads(x) for x in (run / "tasks.jsonl").read_text().splitlines()]
     fed = [e["task_id"] for e in ledger if e["event"] == "fed"]
     refed = [e["task_id"] for e in ledger if e["event"] == "refed"]
     trained = [e["task_id"] for e in ledger if e["event"] == "trained"]
     dropped = [e["task_id"] for e in ledger if e["event"] == "dropped_stale"]
-    done = json.loads((run / "DONE").read_text())
+    done = json.loads((run / final).read_text())
     inflight = set(done["inflight"])
 
     assert len(fed) == len(set(fed)), "a task id was fed twice as new"
@@ -202,7 +206,8 @@ def check_accounting(stack: Stack) -> dict[str, int]:
 
     records = stack.records()
     cfg = stack.cfg.learner
-    assert [r["step"] for r in records] == list(range(1, cfg.total_steps + 1))
+    steps = cfg.total_steps if final == "DONE" else done["steps"]
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
     assert [t for r in records for t in r["task_ids"]] == trained  # what was trained is what the ledger says
     assert records[-1]["dropped_stale_total"] == len(dropped)  # every drop counted
     assert all(len(r["task_ids"]) == cfg.batch_prompts for r in records)
