@@ -8,6 +8,7 @@ watches the stream and consumer group the code uses."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -29,7 +30,30 @@ DEPLOY = ROOT / "deploy"
 BIN = Path(sys.executable).parent
 CLI = typer.main.get_command(app)
 CFG = load_config(DEPLOY / "config" / "orz.yaml", environ={})
-OVERLAYS = ["cpu", "gpu", "cpu-hpa", "orz-7b"]
+OVERLAYS = ["cpu", "gpu", "cpu-hpa", "orz-7b", "cpu-tls"]
+
+
+def _tested_acl_rule() -> list[str]:
+    """The ACL rule tests/integration/test_redis_security.py runs every process's calls under."""
+    spec = importlib.util.spec_from_file_location("redis_security", ROOT / "tests" / "integration" /
+                                                  "test_redis_security.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return _acl_rule(module.ACL)
+
+
+def _acl_rule(args: list[str]) -> list[str]:
+    """The rules of the `orz` user in redis-server arguments, and that the default user is off."""
+    args = [str(a) for a in args]
+    assert " ".join(args).count("--user default off") == 1, args
+    i = args.index("orz", args.index("--user", args.index("off") + 1))
+    rest = args[i + 3:]
+    rule = rest[:next((k for k, a in enumerate(rest) if a.startswith("--")), len(rest))]
+    assert args[i + 1] == "on" and args[i + 2].startswith(">"), args
+    return rule
+
+
+TESTED_ACL_RULE = _tested_acl_rule()
 
 
 def _run(*cmd: str) -> str:
@@ -124,9 +148,12 @@ def test_compose_services_match_the_cli_and_the_config() -> None:
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert services["generator"]["profiles"] == ["cpu"]
     redis = services["redis"]
-    assert "--appendonly" in redis["command"] and "--requirepass" in redis["command"]
-    assert "redis-data:/data" in redis["volumes"]
-    assert "redis://:${REDIS_PASSWORD" in services["generator"]["environment"]["ORZ__REDIS__URL"]
+    assert "--appendonly" in redis["command"] and "redis-data:/data" in redis["volumes"]
+    assert _acl_rule(redis["command"]) == TESTED_ACL_RULE
+    for name in ("generator", "learner"):
+        env = services[name]["environment"]
+        assert env["ORZ__REDIS__USERNAME"] == "orz" and env["ORZ__REDIS__PASSWORD"].startswith("${REDIS_PASSWORD")
+        assert "@" not in env["ORZ__REDIS__URL"]  # no password in the URL
     # Prometheus scrapes every orz service on the ports the config gives them.
     prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     targets = {(n, c["port"]) for job in prom["scrape_configs"] for c in job["dns_sd_configs"] for n in c["names"]}
@@ -209,6 +236,20 @@ def test_workloads_match_the_cli_config_and_each_other(overlay: str, built: dict
         if name == "orz-redis":
             args = spec["containers"][0]["args"]
             assert "--appendonly" in args and w["spec"]["volumeClaimTemplates"]
+            assert _acl_rule(args) == TESTED_ACL_RULE
+            assert ("--tls-port" in args and args[args.index("--port") + 1] == "0") == (overlay == "cpu-tls")
+        if name in ("orz-learner", "orz-generator"):
+            env = {e["name"]: e for e in spec["containers"][0]["env"]}
+            if overlay == "cpu-tls":  # the CA file the config names is where the Secret is mounted
+                assert env["ORZ__REDIS__TLS"]["value"] == "true"
+                ca = Path(env["ORZ__REDIS__TLS_CA_FILE"]["value"])
+                mounts = {m["name"]: m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+                [vol] = [v for v in spec["volumes"] if v["name"] == "redis-tls"]
+                assert mounts["redis-tls"] == str(ca.parent) and vol["secret"]["secretName"] == "orz-redis-tls"
+            secret = _by(docs, "Secret")["orz-secrets"]["stringData"]
+            assert secret[env["ORZ__REDIS__USERNAME"]["valueFrom"]["secretKeyRef"]["key"]] == "orz"
+            assert env["ORZ__REDIS__PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] in secret
+            assert "@" not in env["ORZ__REDIS__URL"]["value"]
     services = _by(docs, "Service")
     assert services["orz-learner"]["spec"]["ports"][1]["port"] == CFG.weight_sync.port
     # NetworkPolicies select real pods.
@@ -254,8 +295,11 @@ def test_custom_resources_have_their_required_fields(overlay: str, built: dict[s
         assert meta["consumerGroup"] == GENERATOR_GROUP
         assert meta["address"].startswith("orz-redis.") and int(meta["lagCount"]) > 0
         auth = _by(docs, "TriggerAuthentication")[trigger["authenticationRef"]["name"]]
-        [ref] = auth["spec"]["secretTargetRef"]
-        assert ref["parameter"] == "password" and ref["name"] in _by(docs, "Secret")
+        refs = {ref["parameter"]: ref for ref in auth["spec"]["secretTargetRef"]}
+        assert set(refs) == {"username", "password"} | ({"ca"} if overlay == "cpu-tls" else set())
+        assert refs["username"]["name"] in _by(docs, "Secret") and refs["password"]["name"] in _by(docs, "Secret")
+        if "ca" in refs:  # created by the operator (or cert-manager), like the server's certificate
+            assert refs["ca"]["name"] == "orz-redis-tls"
     pm = _by(docs, "PodMonitor")["orz-async"]
     assert pm["apiVersion"] == "monitoring.coreos.com/v1"
     selected = [w for w in {**deployments, **_by(docs, "StatefulSet")}.values()

@@ -22,9 +22,14 @@ def _cfg(**redis_section):
     return load_config(environ={}, overrides={"redis": redis_section}).redis
 
 
+# The rule deploy/ gives the `orz` user (docker-compose.yml, deploy/k8s/base/redis.yaml): the run's keys and
+# channels only, no administration, no flushing.
+ACL = ["--user", "default", "off", "--user", "orz", "on", ">s3cret", "~orz:*", "&orz:*", "+@all", "-@admin",
+       "-flushall", "-flushdb"]
+
+
 def test_acl_user_and_password() -> None:
-    acl = ["--user", "default", "off", "--user", "orz", "on", ">s3cret", "~orz:*", "&*", "+@all"]
-    with EmbeddedRedis(extra_args=acl) as server:
+    with EmbeddedRedis(extra_args=ACL) as server:
         client = connect_cfg(_cfg(url=server.url, username="orz", password="s3cret", retry_s=30))
         keys = Keys("orz:secure")
         queue = prompt_queue(client, keys)
@@ -32,8 +37,20 @@ def test_acl_user_and_password() -> None:
         task = PromptTask("t0", "1+1=", "2", "math", 2, SamplingParams(), 0, (1, 2, 3))
         queue.add(task)
         assert queue.read("g0", 1)[0][1] == task
+        # every other kind of call the learner and generators make is allowed under that rule
+        assert client.info("server")["run_id"] and client.info("memory")["used_memory"] > 0
+        assert client.xinfo_groups(keys.prompts)[0]["pending"] == 1
+        client.hset(keys.generators, "g0", b"{}")
+        client.publish(keys.weights, b"x")
+        assert queue.reclaim("g1", 0, 10)[0][1] == task
+        queue.ack([queue.read("g1", 1)[0][0]] if queue.backlog() else [])
+        client.xtrim(keys.prompts, minid="0-1")
         with pytest.raises(redis.ResponseError, match="no permissions"):  # outside the run's namespace
             client.set("someone-elses-key", "x")
+        with pytest.raises(redis.ResponseError, match="no permissions"):  # no flushing
+            client.flushall()
+        with pytest.raises(redis.ResponseError, match="no permissions"):  # no administration
+            client.config_set("appendonly", "no")
 
         t0 = time.monotonic()
         with pytest.raises(redis.AuthenticationError):
