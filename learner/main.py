@@ -358,7 +358,10 @@ class Learner:
         # (gathered here, on every rank, as a collective when sharded).
         self._latest_state = self._actor_state()  # what a generator joining before the next step receives
         if not self.dp.is_main:
-            self._follow()
+            try:
+                self._follow()
+            finally:
+                parallel.close(self.dp)
             return
         lc = self.cfg.learner
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -439,6 +442,7 @@ class Learner:
             self.feeder.close()
             self.weights.stop()
             server.close()
+            parallel.close(self.dp)
 
     def _write_accounting(self, path: Path) -> None:
         """Where every task stands when the learner ends (DONE) or is stopped (STOPPED): the tasks still in
@@ -647,4 +651,6 @@ def _json_safe(value):
 
 
 def run(cfg: Config, resume: bool | str = False) -> None:
-    Learner(cfg, resume).run()
+    learner = Learner(cfg, resume)
+    learner.run()
+    parallel.end_process(learner.dp)

@@ -83,8 +83,8 @@ def main() -> None:
         if critic_state:
             save_file({k: v.contiguous() for k, v in critic_state.items()}, str(out / "critic.safetensors"))
         (out / "stats.json").write_text(json.dumps({"world": dp.world, "shares": len(share), "history": history}))
-    if dp.enabled:
-        torch.distributed.destroy_process_group()
+    parallel.close(dp)
+    parallel.end_process(dp)
 
 
 if __name__ == "__main__":
