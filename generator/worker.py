@@ -267,8 +267,12 @@ class Generator:
             listener.release()
 
     def _load_version(self, version: int, weights: list) -> None:
-        if version < self.version:  # e.g. a checkpoint newer than this broadcast was loaded meanwhile
-            return
+        # Whatever the learner sends is loaded, even an older version: a learner restarted from its checkpoint
+        # (`--auto-resume` in a restarted pod) is behind the weights its generators hold, and samples from
+        # that lost future would be rejected by it (learner.main.invalid_group) until it caught up.
+        if version < self.version:
+            log.warning("the learner sent v%d while v%d is loaded: it was restarted from a checkpoint", version,
+                        self.version)
         if self.cfg.generator.weight_update_mode == "abort" and self.inflight:
             # AReaL-style: requests in flight are dropped and sampled again under the new weights, so every
             # sample is from one version. ("keep", PipelineRL-style: they continue, spanning two versions.)

@@ -104,6 +104,12 @@ def _is_nogroup(exc: redis.ResponseError) -> bool:
     return str(exc).startswith("NOGROUP")
 
 
+def _is_unblocked(exc: redis.ResponseError) -> bool:
+    """Redis 7 wakes a blocked XREADGROUP with this when its stream is deleted (a restarted learner
+    resetting the streams): the group went with it."""
+    return str(exc).startswith("UNBLOCKED")
+
+
 def _next_id(entry_id: str) -> str:
     """The smallest stream id greater than `entry_id` (ids are `<ms>-<seq>`)."""
     ms, _, seq = entry_id.partition("-")
@@ -201,11 +207,15 @@ class StreamQueue(Generic[M]):
     # --- consuming ---------------------------------------------------------------------------------------
 
     def _with_group(self, call: Callable[[], Any]) -> Any:
-        """Run `call`; if the group vanished (Redis restarted without persistence, key deleted), recreate it
-        once and retry, so consumers keep going instead of crashing on NOGROUP."""
+        """Run `call`; if the group vanished (Redis restarted without persistence, key deleted, even while
+        the call was blocked on it), recreate it once and retry, so consumers keep going instead of crashing."""
         try:
             return call()
         except redis.ResponseError as exc:
+            if _is_unblocked(exc):  # woken by the deletion: nothing was read, and the wait is used up
+                log.warning("%r: stream deleted during a blocking read; recreating the group", self)
+                self.ensure_group()
+                return None
             if not _is_nogroup(exc):
                 raise
             log.warning("%r: consumer group missing; recreating it", self)

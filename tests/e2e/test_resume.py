@@ -90,6 +90,7 @@ def test_kill_and_resume_trains_the_same_tasks_once(tmp_path: Path) -> None:
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{N:06d}"
     assert not list((run / "checkpoints").glob(".tmp-*"))
 
+    t_resume = time.time()
     _run(_cmd(runs, "cut", "--resume"))
 
     whole, cut = runs / "whole", runs / "cut"
@@ -116,3 +117,14 @@ def test_kill_and_resume_trains_the_same_tasks_once(tmp_path: Path) -> None:
         assert torch.equal(a, b), k
     state = json.loads((step_dir / "state.json").read_text())
     assert state["step"] == state["version"] == 2 * N and len(state["consumed"]) == 2 * N * BATCH
+    done = json.loads((cut / "DONE").read_text())
+    assert done["unaccounted"] == [] and len(done["inflight"]) <= BATCH
+
+    # For the README's failure-modes table: from `orz up --resume` to the first step after the checkpoint, and
+    # how much training the kill undid (the steps after the checkpoint, redone).
+    report = {"fault": "learner_kill", "steps_redone": killed_after - N,
+              "resume_to_first_step_s": round(records[N]["time"] - t_resume, 1)}
+    print(f"fault report learner_kill: {json.dumps(report)}")
+    if os.environ.get("ORZ_FAULT_REPORT"):
+        with open(os.environ["ORZ_FAULT_REPORT"], "a") as f:
+            f.write(json.dumps(report) + "\n")

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -227,6 +228,20 @@ def test_queue_recovers_when_the_group_disappears(prompts: StreamQueue[PromptTas
     assert prompts.read("gen-a", count=1) == []
     prompts.add(task(1))
     assert ids_of(prompts.read("gen-a", count=1)) == ["task-1"]
+
+
+def test_blocked_read_survives_its_stream_being_deleted(prompts: StreamQueue[PromptTask], redis_url: str) -> None:
+    """A restarted learner resets the streams while generators are blocked in XREADGROUP; Redis 7 wakes them
+    with "UNBLOCKED the stream key no longer exists", which must not crash them."""
+    other = connect(redis_url, socket_timeout_s=5.0)
+    timer = threading.Timer(0.3, lambda: other.delete(KEYS.prompts))
+    timer.start()
+    t0 = time.monotonic()
+    assert prompts.read("gen-a", count=1, block_ms=2000) == []  # woken by the delete, group recreated
+    timer.join()
+    assert time.monotonic() - t0 < 1.9  # it was really blocked and woken, not timed out
+    prompts.add(task(2))
+    assert ids_of(prompts.read("gen-a", count=1)) == ["task-2"]
 
 
 def test_trim_acked_keeps_pending_and_undelivered_entries(prompts: StreamQueue[PromptTask]) -> None:
