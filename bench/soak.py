@@ -6,8 +6,8 @@ Every `--sample-s` it records the resident memory of every process (a process an
 server with its grading workers), Redis's `used_memory` and the length of each stream. At the end the
 learner is stopped, the run's accounting is checked (tests/faults/harness.py: nothing lost, nothing trained
 twice), and it prints JSON: each process's RSS at the start and end of the measured window and its slope
-(MB per minute, least squares, leaving out each process's own first `--warmup-min`), Redis memory and stream lengths at
-their highest, and the accounting. `--plot` draws the memory curves.
+(MB per minute, least squares, leaving out each process's own first `--warmup-min`; and over the second half
+of that window alone), Redis memory and stream lengths at their highest, and the accounting. `--plot` draws the memory curves.
 
     python bench/soak.py --minutes 20 --kill-every 120 --out bench/results/soak-<date>.json --plot docs/soak.png
 """
@@ -95,7 +95,10 @@ def soak(minutes: float, kill_every: float, sample_s: float, warmup_min: float, 
     window = [s for s in samples if s["t"] >= warmup_min * 60]
     processes = {
         name: {"start_mb": round(pts[0][1], 1), "end_mb": round(pts[-1][1], 1), "minutes": round(
-            (pts[-1][0] - pts[0][0]) / 60, 1), "slope_mb_per_min": _round(_slope_mb_per_min(pts), 3)}
+            (pts[-1][0] - pts[0][0]) / 60, 1), "slope_mb_per_min": _round(_slope_mb_per_min(pts), 3),
+            # the second half alone: warm-up that ends late (allocator pools, caches) versus steady growth
+            "last_half_slope_mb_per_min": _round(_slope_mb_per_min(
+                [p for p in pts if p[0] >= (pts[0][0] + pts[-1][0]) / 2]), 3)}
         for name, pts in series.items() if len(pts) >= 3
     }
     steps = samples[-1]["steps"]

@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from generator.engine import Completion, VllmEngine, make_engine, model_layout
 from generator.reward_client import GradeItem, RewardClient, RewardClientError
 from services.config import Config
+from services.memory import HeapTrimmer
 from services.metrics import MetricsServer
 from services.protocol import PromptTask, ProtocolError, Sample, SamplingParams, TrajectoryGroup, WeightsAnnouncement
 from services.queue import Keys, StreamQueue
@@ -444,6 +445,7 @@ class Generator:
         self._heartbeat()
         last_beat = 0.0
         learner_version = 0
+        heap = HeapTrimmer()
         try:
             while not self.stop_event.is_set():
                 if listener.error is not None:
@@ -454,6 +456,7 @@ class Generator:
                     learner_version = int(raw) if raw is not None else self.version
                     self.metrics.version_lag.set(learner_version - self.version)
                     last_beat = time.time()
+                    heap.maybe()
                 self._load_pending(listener)  # between engine steps; requests in flight continue
                 lag = learner_version - self.version
                 room = gcfg.max_inflight_requests - len(self.inflight) - len(self.waiting)

@@ -40,6 +40,7 @@ from learner.plot import plot_curves
 from learner.trainer import PPOTrainer
 from learner.weight_group import WeightGroup
 from services.config import Config
+from services.memory import HeapTrimmer
 from services.metrics import MetricsServer
 from services.protocol import PromptTask, ProtocolError, SamplingParams, TrajectoryGroup
 from services.queue import Keys, StreamQueue
@@ -376,6 +377,7 @@ class Learner:
         self._last_sync = 0.0
         self._redis_checked, self._redis_run_id, self._last_reclaim = 0.0, None, time.time()
         self.vocab_size = self._vocab_size()
+        self.heap = HeapTrimmer()
         self.redis.set(self.keys.policy_version, self.version)
         self.feeder.top_up(self.version)
 
@@ -421,6 +423,7 @@ class Learner:
                 metrics_file.flush()
                 metrics_offset = metrics_file.tell()
                 history.append(_scalars(record))
+                self.heap.maybe()
                 self._export(record)
                 self._log(record, lc.total_steps)
                 if lc.checkpoint_every and (step % lc.checkpoint_every == 0 or step == lc.total_steps):

@@ -1,0 +1,57 @@
+"""Giving freed heap memory back to the OS (glibc `malloc_trim`), for processes that run for days.
+
+The learner and the generators allocate and free tensors of many sizes from several threads (gloo, Redis,
+heartbeats); glibc keeps what they free in per-thread arenas instead of returning it, so their resident
+memory creeps up long after the working set is steady. In the soak (bench/soak.py) one `malloc_trim(0)`
+gave back 70 MB of a 655 MB learner and 19 MB of a 749 MB generator. Trimming once a minute costs a few
+milliseconds. Elsewhere than glibc (musl, macOS) it is a no-op.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import time
+
+log = logging.getLogger(__name__)
+
+TRIM_EVERY_S = 60.0
+
+
+def _malloc_trim():
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        fn = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return fn
+
+
+class HeapTrimmer:
+    """`maybe()` in a process's main loop: trims at most once per `every_s` seconds."""
+
+    def __init__(self, every_s: float = TRIM_EVERY_S) -> None:
+        self.every_s = every_s
+        self._trim = _malloc_trim()
+        self._last = time.monotonic()
+        self.trims = 0
+
+    @property
+    def available(self) -> bool:
+        return self._trim is not None
+
+    def trim(self) -> bool:
+        """Trim now; True if the allocator gave memory back."""
+        self._last = time.monotonic()
+        if self._trim is None:
+            return False
+        self.trims += 1
+        return bool(self._trim(0))
+
+    def maybe(self) -> None:
+        if time.monotonic() - self._last >= self.every_s:
+            self.trim()
