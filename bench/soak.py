@@ -6,8 +6,9 @@ Every `--sample-s` it records the resident memory of every process (a process an
 server with its grading workers), Redis's `used_memory` and the length of each stream. At the end the
 learner is stopped, the run's accounting is checked (tests/faults/harness.py: nothing lost, nothing trained
 twice), and it prints JSON: each process's RSS at the start and end of the measured window and its slope
-(MB per minute, least squares, leaving out each process's own first `--warmup-min`; and over the second half
-of that window alone), Redis memory and stream lengths at their highest, and the accounting. `--plot` draws the memory curves.
+(MB per minute, least squares, leaving out each process's own first `--warmup-min`; over the second half of
+that window alone; and of each minute's lowest RSS, the floor a leak would raise), Redis memory and stream
+lengths at their highest, and the accounting. `--plot` draws the memory curves.
 
     python bench/soak.py --minutes 20 --kill-every 120 --out bench/results/soak-<date>.json --plot docs/soak.png
 """
@@ -39,6 +40,17 @@ def _rss_mb(pid: int) -> float | None:
         return sum(p.memory_info().rss for p in procs if p.is_running()) / 2**20
     except psutil.NoSuchProcess:
         return None
+
+
+def _floor(points: list[tuple[float, float]], window_s: float = 60.0) -> list[tuple[float, float]]:
+    """The lowest value in each `window_s` window (at the window's middle)."""
+    if not points:
+        return []
+    t0, bucket = points[0][0], {}
+    for t, y in points:
+        k = int((t - t0) // window_s)
+        bucket[k] = min(bucket.get(k, y), y)
+    return [(t0 + (k + 0.5) * window_s, y) for k, y in sorted(bucket.items())]
 
 
 def _slope_mb_per_min(points: list[tuple[float, float]]) -> float | None:
@@ -98,7 +110,10 @@ def soak(minutes: float, kill_every: float, sample_s: float, warmup_min: float, 
             (pts[-1][0] - pts[0][0]) / 60, 1), "slope_mb_per_min": _round(_slope_mb_per_min(pts), 3),
             # the second half alone: warm-up that ends late (allocator pools, caches) versus steady growth
             "last_half_slope_mb_per_min": _round(_slope_mb_per_min(
-                [p for p in pts if p[0] >= (pts[0][0] + pts[-1][0]) / 2]), 3)}
+                [p for p in pts if p[0] >= (pts[0][0] + pts[-1][0]) / 2]), 3),
+            # the lowest RSS of each minute: the floor a leak would raise (between the learner's and the
+            # generators' heap trims, RSS also holds the freed peak of the last steps)
+            "floor_slope_mb_per_min": _round(_slope_mb_per_min(_floor(pts)), 3)}
         for name, pts in series.items() if len(pts) >= 3
     }
     steps = samples[-1]["steps"]
