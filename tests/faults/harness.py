@@ -220,10 +220,12 @@ def step_times(stack: Stack) -> list[float]:
     return [r["time"] for r in stack.records()]
 
 
-def recovery_s(stack: Stack, fault_at: float, steps: int = 1) -> float:
-    """Seconds from `fault_at` until `steps` more learner steps had finished."""
+def recovery_s(stack: Stack, fault_at: float, steps: int = 1, timeout_s: float = 180) -> float:
+    """Seconds from `fault_at` until `steps` more learner steps had finished (waiting for them, at most
+    `timeout_s`: failing if they never come)."""
+    stack.wait(f"{steps} step(s) after the fault",
+               lambda: sum(t > fault_at for t in step_times(stack)) >= steps, timeout_s)
     after = [t for t in step_times(stack) if t > fault_at]
-    assert len(after) >= steps, "no step finished after the fault"
     return round(after[steps - 1] - fault_at, 2)
 
 
