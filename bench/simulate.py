@@ -160,6 +160,7 @@ def simulate(preset_name: str, *, generators: int, train_gpus: int, staleness: i
         "reward": {"url": "sim://cost-model"},
         "sampling": {"max_tokens": preset.lengths.max_tokens, "stop": []},
         "generator": {"num": generators, "max_inflight_requests": prompts_per_gen, "heartbeat_s": 2.0,
+                      "max_model_len": preset.prompt_len + preset.lengths.max_tokens,
                       "prompts_per_batch": max(1, min(prompts_per_gen,
                                                       math.ceil(preset.batch_prompts / generators))),
                       "weight_wait_s": 600.0},
