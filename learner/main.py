@@ -262,7 +262,12 @@ class Learner:
                     raise TimeoutError(f"no trajectories for {lc.wait_timeout_s:.0f} s: are generators running?")
                 continue
             last_arrival = time.time()
+            in_hand = {eid for eid, _ in batch}.union(to_ack)
             for entry_id, group in entries:
+                if entry_id in in_hand:
+                    # Our own pending entry, read earlier in this step and not acked yet: `_reclaim_own` hands it
+                    # back when the step waits longer than claim_idle_ms (a reward outage). Not a duplicate.
+                    continue
                 if group.task_id in self.consumed:
                     # A reclaimed prompt can be generated twice (ARCHITECTURE.md, step 4); train it once.
                     self.metrics.duplicates.inc()

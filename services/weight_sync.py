@@ -89,10 +89,19 @@ def make_group(backend: str, rendezvous: str, rank: int, world_size: int, timeou
     raise ValueError(f"unknown weight-sync backend {backend!r}")
 
 
-def _broadcast(group: dist.ProcessGroup, tensor: torch.Tensor, wait: bool = True):
+# How long a receiver waits for the *next* version. Between versions the learner is training or waiting for
+# trajectories, for minutes per step on real models, so this wait cannot use the group's timeout (a receiver
+# would leave after every long step and the learner's next broadcast would fail). A dead learner closes the
+# connection and ends the wait at once; past this the receiver gives up the group and awaits the next one.
+NEXT_VERSION_WAIT_S = 6 * 3600.0
+
+
+def _broadcast(group: dist.ProcessGroup, tensor: torch.Tensor, wait: bool = True, timeout_s: float | None = None):
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
     opts.rootTensor = 0
+    if timeout_s is not None:  # this collective only; the others keep the group's timeout
+        opts.timeout = timedelta(seconds=timeout_s)
     work = group.broadcast([tensor], opts)
     if wait:
         work.wait()
@@ -158,7 +167,8 @@ class WeightSender:
 class WeightReceiver:
     """Ranks 1..N (generators): receive one version at a time as a list of (HF name, tensor)."""
 
-    def __init__(self, announcement: WeightsAnnouncement, rank: int, timeout_s: float) -> None:
+    def __init__(self, announcement: WeightsAnnouncement, rank: int, timeout_s: float,
+                 next_version_wait_s: float = NEXT_VERSION_WAIT_S) -> None:
         if not 1 <= rank < announcement.world_size:
             raise ValueError(f"rank {rank} outside the weight-sync group of size {announcement.world_size}")
         self.ann = announcement
@@ -171,13 +181,15 @@ class WeightReceiver:
                                 timeout_s, announcement.session)
         self._sizes = [[_numel(announcement.shapes[i]) for i in idx] for idx in self.buckets]
         self._flat: list[torch.Tensor] = []  # one buffer per bucket, allocated on the first version
+        self.next_version_wait_s = max(next_version_wait_s, timeout_s)
 
     def receive(self) -> tuple[int, list[tuple[str, torch.Tensor]]]:
-        """Blocks for the next broadcast; returns (version, weights), or (STOP_VERSION or REFORM_VERSION, []).
+        """Blocks for the next broadcast (up to `next_version_wait_s`; the buckets that follow its header within
+        the group's timeout); returns (version, weights), or (STOP_VERSION or REFORM_VERSION, []).
 
         The weights are views into this receiver's buffers: load (copy) them before calling again."""
         header = torch.zeros(2, dtype=torch.int64, device=self.device)
-        _broadcast(self.group, header)
+        _broadcast(self.group, header, timeout_s=self.next_version_wait_s)  # the learner may be mid-step
         version, n_buckets = int(header[0]), int(header[1])
         if version in (STOP_VERSION, REFORM_VERSION):
             return version, []

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
+import time
 import uuid
 from pathlib import Path
 
@@ -77,6 +79,32 @@ def test_broadcast_reaches_every_generator_rank(bucket_bytes: int, tmp_path: Pat
             assert set(weights) == set(sent[version])
             for name, tensor in weights.items():
                 torch.testing.assert_close(tensor, sent[version][name], rtol=0, atol=0)
+
+
+def _slow_receiver(raw: bytes, out_dir: str) -> None:
+    ann = WeightsAnnouncement.from_bytes(raw)
+    receiver = WeightReceiver(ann, 1, timeout_s=1.0)  # the group's timeout: 1 s
+    t0 = time.time()
+    version, weights = receiver.receive()
+    Path(out_dir, "got.json").write_text(json.dumps({"version": version, "waited_s": time.time() - t0,
+                                                     "n": len(weights)}))
+
+
+def test_receiver_waits_for_the_next_version_longer_than_the_group_timeout(tmp_path: Path) -> None:
+    """A learner step (or a wait for trajectories) longer than weight_sync.timeout_s must not make receivers
+    leave the group: the wait for the next version has its own, long limit; the transfers keep the group's."""
+    ann = WeightsAnnouncement(**{**_announcement(256 * 2**20).__dict__, "world_size": 2})
+    proc = mp.get_context("spawn").Process(target=_slow_receiver, args=(ann.to_bytes(), str(tmp_path)))
+    proc.start()
+    sender = WeightSender(ann, timeout_s=1.0)
+    sender.connect()
+    time.sleep(3.0)  # three group timeouts of "training"
+    sender.send(5, _params(5))
+    proc.join(30)
+    assert proc.exitcode == 0
+    got = json.loads((tmp_path / "got.json").read_text())
+    assert got["version"] == 5 and got["n"] == len(_params(5))
+    assert got["waited_s"] > 2.5
 
 
 def test_receiver_rejects_a_rank_outside_the_group() -> None:
