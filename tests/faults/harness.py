@@ -133,8 +133,12 @@ class Stack:
     def __enter__(self) -> Stack:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         self.close()
+        if exc_type is not None:  # pytest shows captured stdout of a failed test: the last lines of every log
+            for p in self.procs:
+                tail = p.text().splitlines()[-25:] if p.log.exists() else []
+                print(f"--- last {len(tail)} lines of {p.log}", *tail, sep="\n")
 
     # --- observing ---------------------------------------------------------------------------------------
     def client(self):

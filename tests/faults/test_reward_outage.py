@@ -54,17 +54,20 @@ def test_reward_server_hangs_and_stops(tmp_path) -> None:
         counts = check_accounting(stack)
         gen_logs = [g.text() for g in stack.generators]
 
-    assert steps_during <= 1  # at most a step whose groups were all graded before the stop
+    assert steps_during <= 1, outage  # at most a step whose groups were all graded before the stop
     timeouts = sum(len(re.findall(r"failed \(ReadTimeout", t)) for t in gen_logs)
-    assert timeouts >= 1  # the hung replica was cut off by the request timeout
+    assert timeouts >= 1, hung_phase  # the hung replica was cut off by the request timeout
     # Backoff, not a busy loop: attempts during the 30 s outage per generator stay few (a retry at most every
     # ~0.5-10 s per replica, jittered).
     window = [re.findall(r"^(\d\d:\d\d:\d\d) generator orz.generator.reward WARNING grading attempt", t, re.M)
               for t in gen_logs]
     t0, t1 = time.strftime("%H:%M:%S", time.localtime(t_down)), time.strftime("%H:%M:%S", time.localtime(t_back))
     attempts = [sum(t0 <= ts <= t1 for ts in w) for w in window]
-    assert all(2 <= a <= 25 for a in attempts), attempts
-    assert all("answers again" in t for t in gen_logs)
+    # A generator holding no prompt during the outage has nothing to grade and makes no attempt: the learner feeds
+    # at most batch_prompts * (max_staleness + 1) prompts ahead, and one generator may hold them all.
+    # Every generator that did try backed off, and came back once a replica answered.
+    assert max(attempts) >= 2 and all(a <= 25 for a in attempts), attempts
+    assert all("answers again" in t for t, a in zip(gen_logs, attempts) if a), attempts
     # Generators waiting on grading keep renewing their prompts' leases, so peers do not take them over and
     # generate them a second time (before lease renewal: 130 duplicates in this run; now a handful at most).
     assert counts["duplicates"] <= 2 * stack.cfg.learner.batch_prompts, counts
