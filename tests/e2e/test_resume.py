@@ -21,6 +21,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from tests.faults.harness import write_report
+
 ROOT = Path(__file__).resolve().parents[2]
 N = 4
 BATCH = 8
@@ -122,9 +124,5 @@ def test_kill_and_resume_trains_the_same_tasks_once(tmp_path: Path) -> None:
 
     # For the README's failure-modes table: from `orz up --resume` to the first step after the checkpoint, and
     # how much training the kill undid (the steps after the checkpoint, redone).
-    report = {"fault": "learner_kill", "steps_redone": killed_after - N,
-              "resume_to_first_step_s": round(records[N]["time"] - t_resume, 1)}
-    print(f"fault report learner_kill: {json.dumps(report)}")
-    if os.environ.get("ORZ_FAULT_REPORT"):
-        with open(os.environ["ORZ_FAULT_REPORT"], "a") as f:
-            f.write(json.dumps(report) + "\n")
+    write_report("learner_kill", {"steps_redone": killed_after - N,
+                                  "resume_to_first_step_s": round(records[N]["time"] - t_resume, 1)})

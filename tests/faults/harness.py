@@ -137,7 +137,7 @@ class Stack:
         self.close()
         if exc_type is not None:  # pytest shows captured stdout of a failed test: the last lines of every log
             for p in self.procs:
-                tail = p.text().splitlines()[-25:] if p.log.exists() else []
+                tail = p.text().splitlines()[-25:]
                 print(f"--- last {len(tail)} lines of {p.log}", *tail, sep="\n")
 
     # --- observing ---------------------------------------------------------------------------------------
