@@ -81,8 +81,10 @@ def test_broadcast_reaches_every_generator_rank(bucket_bytes: int, tmp_path: Pat
                 torch.testing.assert_close(tensor, sent[version][name], rtol=0, atol=0)
 
 
-def _slow_receiver(raw: bytes, out_dir: str) -> None:
+def _slow_receiver(raw: bytes, out_dir: str, ready, go) -> None:  # noqa: ANN001 (multiprocessing events)
     ann = WeightsAnnouncement.from_bytes(raw)
+    ready.set()  # imports done (torch takes seconds on a loaded machine): the timed part may start
+    go.wait(60)
     receiver = WeightReceiver(ann, 1, timeout_s=1.0)  # the group's timeout: 1 s
     t0 = time.time()
     version, weights = receiver.receive()
@@ -94,8 +96,13 @@ def test_receiver_waits_for_the_next_version_longer_than_the_group_timeout(tmp_p
     """A learner step (or a wait for trajectories) longer than weight_sync.timeout_s must not make receivers
     leave the group: the wait for the next version has its own, long limit; the transfers keep the group's."""
     ann = WeightsAnnouncement(**{**_announcement(256 * 2**20).__dict__, "world_size": 2})
-    proc = mp.get_context("spawn").Process(target=_slow_receiver, args=(ann.to_bytes(), str(tmp_path)))
+    ctx = mp.get_context("spawn")
+    ready, go = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_slow_receiver, args=(ann.to_bytes(), str(tmp_path), ready, go))
     proc.start()
+    # The 1 s group timeout must time the group, not the receiver's start-up: both sides are ready first.
+    assert ready.wait(120), "the receiver process did not start"
+    go.set()
     sender = WeightSender(ann, timeout_s=1.0)
     sender.connect()
     time.sleep(3.0)  # three group timeouts of "training"
