@@ -40,7 +40,9 @@ class GradeResultModel(BaseModel):
     id: str
     reward: float = Field(description="1.0 for a correct answer, else 0.0")
     extracted: str | None = Field(description="the boxed answer that was graded, if one was found")
-    verdict: Verdict = Field(description=" | ".join(VERDICTS))
+    verdict: Verdict = Field(description=" | ".join(VERDICTS) + "; `error` is a fault of the grader, never a "
+                             "judgement of the answer: grade the item again later, do not score it 0")
+    detail: str | None = Field(None, description="for `error`: what went wrong in the grader")
 
 
 class ErrorResponse(BaseModel):

@@ -3,7 +3,7 @@
 Runs in the reward server's parent process on untrusted model text, so it must stay linear in the response
 length: `str.rfind` locates the block and the last `\\boxed`, and brace matching scans at most
 `max_chars` characters after it. Only the extracted content ever reaches math-verify
-(../shared/notes/grading.md §0: long free text triggers ReDoS in its regexes; deep nesting hangs ANTLR).
+(long free text triggers super-linear backtracking in math-verify's regexes; deep nesting hangs ANTLR).
 
 ORZ (playground/orz_7b_ppo.py) takes the last `<answer>.*?(\\boxed{.*}).*?</answer>` match, then
 `last_boxed_only_string`; here a response with no boxed answer inside a closed `<answer>` block falls back
@@ -13,7 +13,7 @@ to the last `\\boxed` anywhere (a rollout that stopped at `</answer>` without th
 from __future__ import annotations
 
 MAX_ANSWER_CHARS = 1000  # longer boxed contents score 0: no real answer is that long, hostile ones are
-MAX_BRACE_DEPTH = 50  # nesting past this scores 0 (math-verify needs > 16 s on 1k-deep braces, notes §2.4)
+MAX_BRACE_DEPTH = 50  # nesting past this scores 0 (math-verify needs > 16 s on 1k-deep braces)
 
 _OPEN_TAG, _CLOSE_TAG = "<answer>", "</answer>"
 _BOX_COMMANDS = ("\\boxed", "\\fbox")

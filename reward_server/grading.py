@@ -1,10 +1,12 @@
-"""Grading for the reward server: extraction in the parent, math-verify in killable worker processes.
+"""Grading for the reward server: extraction in the parent, math-verify in killable, sealed worker processes.
 
 sympy can hold the GIL for minutes on a short hostile answer (`\\boxed{9^{9^{9^9}}}`), and a thread cannot
-be stopped, so comparisons run in a `pebble.ProcessPool`: each item gets `grade_timeout_s` of wall clock,
-after which pebble kills its worker and forks a new one (../shared/notes/grading.md §2.3-2.5). The event
-loop only extracts answers (linear string scans) and awaits futures. `math_verify` is imported, and warmed
-once on a fixed input, here in the parent before the pool forks, so a replacement worker starts warm.
+be stopped (a `ThreadPoolExecutor` + `asyncio.wait_for` of 1 s never fired in 25 s on it), so comparisons
+run in a `pebble.ProcessPool`: each item gets `grade_timeout_s` of wall clock, after which pebble kills its
+worker and forks a new one. The event loop only extracts answers (linear string scans) and awaits futures.
+Every module grading can import is loaded, and math-verify warmed once on a fixed input, here in the parent
+before the pool forks (reward_server/sandbox.py), so a replacement worker starts warm and a sealed worker
+never needs a file.
 
 Model text reaches math-verify only as the extracted boxed content, wrapped as `"$" + content + "$"`; nothing
 here calls `sympify`, `parse_expr` or `eval` on it.
@@ -16,8 +18,6 @@ import asyncio
 import logging
 import math
 import multiprocessing
-import os
-import resource
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeoutError
@@ -30,59 +30,14 @@ from pebble import ProcessExpired, ProcessPool
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from reward_server.graders import REGISTRY, VERDICTS, Verdict, run_compare
+from reward_server.sandbox import init_worker, preload_grading_modules, start_vm_mb
 from services.config import RewardConfig
 
 log = logging.getLogger("orz.reward.grading")
 
-
-# ---------------------------------------------------------------------------------------------------------
-# Worker side: these run inside the pool's processes.
-
-
-def init_worker(mem_mb: int) -> None:
-    """Caps the worker's address space (a short answer can reach 400-560 MB within seconds, notes §2.4) and
-    takes away its file and network access."""
-    limit = mem_mb << 20
-    _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    if hard != resource.RLIM_INFINITY:
-        limit = min(limit, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-    global _START_VM_MB
-    _START_VM_MB = worker_vm_mb()  # read now: /proc is out of reach once sealed
-    seal_descriptors()
-
-
-def seal_descriptors() -> None:
-    """No new file descriptor from here on: RLIMIT_NOFILE (soft and hard) at the lowest free descriptor number,
-    so `open`, `socket`, `pipe` and `accept` all fail with EMFILE. A grader reads model text and writes a
-    verdict over the pipes pebble opened before this ran; it has no reason to touch a file or the network,
-    and if a parser bug ever let model text steer it, it still could not. Lowering the hard limit cannot be
-    undone without CAP_SYS_RESOURCE. (math-verify and sympy are imported and warmed before the fork, so no
-    lazy import needs a file afterwards.)"""
-    open_fds = {int(fd) for fd in os.listdir("/proc/self/fd")}  # includes the listing's own, closed by now
-    highest = max(open_fds)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (highest, highest))
-    while True:  # fill any hole below the limit with /dev/null, so not even one descriptor is left to take
-        try:
-            os.open(os.devnull, os.O_RDONLY)
-        except OSError:
-            break
-
-
-def worker_vm_mb() -> float:
-    """The worker's current address-space size (VmSize), to show the headroom left under RLIMIT_AS."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-_START_VM_MB = float("nan")
-
-
-def _ping() -> float:
-    return _START_VM_MB
+# Address space a worker must have left under `reward.worker_mem_mb` once sealed. Grading 4,200 varied answers
+# grew a worker by 13 MB; a hostile answer can take 400-560 MB, and is then cut off by the cap.
+MIN_HEADROOM_MB = 256
 
 
 def _warm_up() -> None:
@@ -101,16 +56,13 @@ def _warm_up() -> None:
         mv_log.setLevel(level)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Parent side.
-
-
 @dataclass(frozen=True)
 class GradeResult:
     id: str
     reward: float
     extracted: str | None
     verdict: Verdict
+    detail: str | None = None  # for `error`: what went wrong in the grader (never about the answer)
 
 
 class RewardMetrics:
@@ -143,6 +95,25 @@ class RewardMetrics:
                                registry=registry, multiprocess_mode="livesum")
 
 
+class _ErrorLog:
+    """One log line per kind of grader fault per `every_s`, with how many items it hit meanwhile: a broken
+    deployment fails every item, and one line per item would bury everything else in the log."""
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+        self._count: dict[str, int] = {}
+
+    def note(self, item_id: str, task_type: str, detail: str) -> None:
+        key = f"{task_type}: {detail}"
+        self._count[key] = self._count.get(key, 0) + 1
+        now = time.monotonic()
+        if now - self._last.get(key, -self.every_s) >= self.every_s:
+            log.warning("grader fault on item %s (%d item(s) since the last report), verdict error: %s", item_id,
+                        self._count.pop(key), key)
+            self._last[key] = now
+
+
 class Grader:
     """Owns the worker pool; `grade_one` turns one item into a `GradeResult` without blocking the loop."""
 
@@ -154,13 +125,24 @@ class Grader:
         self.math_verify_timeout_s = math_verify_timeout_s or math.ceil(cfg.grade_timeout_s) + 1
         self._pool: ProcessPool | None = None
         self.in_flight = 0
+        self._error_log = _ErrorLog()
 
     async def start(self) -> float:
-        """Warms math-verify, forks the pool and waits for one task per worker; returns a worker's VmSize (MB)."""
+        """Loads every grading module, warms math-verify, forks the pool and waits for one task per worker;
+        returns a worker's VmSize (MB) when it was sealed."""
+        modules, seconds = await asyncio.to_thread(preload_grading_modules)
+        log.info("grading modules loaded before the seal: %d more in %.2f s", modules, seconds)
         await asyncio.to_thread(_warm_up)
         self._pool = self._new_pool()
-        sizes = await asyncio.gather(*(asyncio.wrap_future(self._pool.schedule(_ping, timeout=30.0))
+        sizes = await asyncio.gather(*(asyncio.wrap_future(self._pool.schedule(start_vm_mb, timeout=30.0))
                                        for _ in range(self.cfg.grader_procs)))
+        if max(sizes) + MIN_HEADROOM_MB > self.cfg.worker_mem_mb:
+            self.close()
+            # Under the cap a worker's allocations fail with MemoryError, which math-verify catches inside its
+            # own fallbacks and answers False: correct answers would be graded wrong, silently.
+            raise RuntimeError(f"reward.worker_mem_mb={self.cfg.worker_mem_mb} leaves a grading worker (already "
+                               f"{max(sizes):.0f} MB of address space) less than {MIN_HEADROOM_MB} MB to grade in; "
+                               f"set it to at least {math.ceil(max(sizes)) + MIN_HEADROOM_MB}")
         return max(sizes)
 
     def _new_pool(self) -> ProcessPool:
@@ -193,11 +175,12 @@ class Grader:
     async def grade_one(self, item_id: str, response: str, reference: str, truncated: bool,
                         task_type: str = "math") -> GradeResult:
         """Extracts the answer here (and compares it here, for cheap graders), or compares it in a worker;
-        never raises for a bad item (verdict `error`)."""
+        never raises for a bad item. A fault of the grader itself gives the verdict `error`, with `detail`."""
         t0 = time.perf_counter()
         grader = REGISTRY[task_type]
         extracted = grader.extract(response)
         verdict: Verdict | None
+        detail = None
         if truncated:
             verdict = "truncated"  # ORZ rewards only rollouts that stopped by themselves
         elif extracted is None:
@@ -205,38 +188,43 @@ class Grader:
         else:
             verdict = grader.screen(reference, extracted)
             if verdict is None and grader.in_pool:
-                verdict = await self._grade_in_pool(item_id, task_type, reference, extracted)
+                verdict, detail = await self._grade_in_pool(item_id, task_type, reference, extracted)
             elif verdict is None:
-                verdict = grader.compare(reference, extracted, self.math_verify_timeout_s)
+                try:
+                    verdict = grader.compare(reference, extracted, self.math_verify_timeout_s)
+                except Exception as exc:  # a bug in a cheap grader: not the answer's fault
+                    verdict, detail = "error", f"grader fault: {type(exc).__name__}: {exc}"[:300]
+        if verdict == "error":
+            self._error_log.note(item_id, task_type, detail or "unknown")
         self.metrics.grades.labels(task_type, verdict).inc()
         self.metrics.grade_latency.labels(task_type).observe(time.perf_counter() - t0)
-        return GradeResult(item_id, 1.0 if verdict == "correct" else 0.0, extracted, verdict)
+        return GradeResult(item_id, 1.0 if verdict == "correct" else 0.0, extracted, verdict, detail)
 
-    async def _grade_in_pool(self, item_id: str, task_type: str, reference: str, extracted: str) -> Verdict:
+    async def _grade_in_pool(self, item_id: str, task_type: str, reference: str,
+                             extracted: str) -> tuple[Verdict, str | None]:
         self.in_flight += 1
         self.metrics.in_flight.inc()
+        detail: str | None = None
         try:
             future = self._live_pool().schedule(
                 run_compare, args=(task_type, reference, extracted, self.math_verify_timeout_s),
                 timeout=self.cfg.grade_timeout_s)
-            verdict: Verdict = await asyncio.wrap_future(future)
+            verdict, detail = await asyncio.wrap_future(future)
         except FutureTimeoutError:
             self.metrics.worker_restarts.inc()
             verdict = "timeout"
         except ProcessExpired as exc:
             self.metrics.worker_restarts.inc()
-            log.warning("grading worker died on item %s (exit code %s); replaced", item_id, exc.exitcode)
-            verdict = "error"
+            verdict, detail = "error", f"grading worker died (exit code {exc.exitcode}); replaced"
         except BrokenProcessPool:
             self.metrics.worker_restarts.inc()
-            log.warning("grading pool broke while item %s was queued; it is rebuilt on the next item", item_id)
-            verdict = "error"
-        except Exception:
+            verdict, detail = "error", "grading pool broke while the item was queued; rebuilt on the next item"
+        except Exception as exc:
             log.exception("grading failed on item %s", item_id)
-            verdict = "error"
+            verdict, detail = "error", f"{type(exc).__name__}: {exc}"[:300]
         finally:
             self.in_flight -= 1
             self.metrics.in_flight.dec()
         if verdict == "timeout":
             self.metrics.timeouts.inc()
-        return verdict
+        return verdict, detail

@@ -7,6 +7,7 @@ from reward_server.graders.choice import ChoiceGrader
 from reward_server.graders.exact import ExactGrader
 from reward_server.graders.math import MathGrader
 from reward_server.graders.numeric import NumericGrader
+from reward_server.sandbox import fault_watch
 
 REGISTRY: dict[str, TaskGrader] = {
     "math": MathGrader(),
@@ -18,9 +19,18 @@ REGISTRY: dict[str, TaskGrader] = {
 __all__ = ["REGISTRY", "VERDICTS", "TaskGrader", "Verdict"]
 
 
-def run_compare(task_type: str, reference: str, answer: str, timeout_s: int) -> Verdict:
-    """Entry point in a worker process (a module-level function, so the pool can name it)."""
-    return REGISTRY[task_type].compare(reference, answer, timeout_s)
+def run_compare(task_type: str, reference: str, answer: str, timeout_s: int) -> tuple[Verdict, str | None]:
+    """Entry point in a sealed worker process (a module-level function, so the pool can name it): the verdict,
+    and for `error` what went wrong. A comparison during which the worker raised a grader fault, imported a
+    module, opened a file or a socket (`sandbox.fault_watch`) is not trusted: its verdict is `error`."""
+    with fault_watch() as faults:
+        try:
+            verdict = REGISTRY[task_type].compare(reference, answer, timeout_s)
+        except Exception as exc:
+            return "error", f"grader fault: {type(exc).__name__}: {exc}"[:300]
+    if faults:
+        return "error", "the sealed worker needed what a plain process would have had: " + "; ".join(faults)
+    return verdict, None
 
 
 def grade_sync(task_type: str, response: str, reference: str, timeout_s: int) -> Verdict:

@@ -1,5 +1,9 @@
 """`math`: ORZ's semantics — the last `\\boxed{…}` inside the last `<answer>…</answer>` (else the last `\\boxed{}`
 anywhere), compared with math-verify in a worker process; the reference is parsed once per worker and cached.
+
+The verdict is math-verify's own `verify(parse(gold), parse(answer))`, except that an exception about the
+grader rather than the answer (a missing module, a file error, memory exhausted: `is_grader_fault`) is
+raised to the caller, which answers `error`, instead of counting as a wrong answer.
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ from math_verify.errors import TimeoutException
 
 from reward_server.extract import extract_answer
 from reward_server.graders.base import TaskGrader, Verdict
+from reward_server.sandbox import is_grader_fault
 
 GOLD_CACHE_SIZE = 4096  # parsed references kept per worker; a batch shares one reference across n_samples
 
-# Answers whose evaluation sympy cannot finish (../shared/notes/grading.md §2.4: each hangs a worker for the
-# whole timeout and can take 400-560 MB): numeric power towers, literal exponents, factorials and
+# Answers whose evaluation sympy cannot finish (each hangs a worker for the whole timeout and can take
+# 400-560 MB, measured on math-verify 0.9): numeric power towers, literal exponents, factorials and
 # scientific exponents of 5+ digits. Patterns are anchored on single characters: no nested quantifiers.
 _LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
 _TOWER = re.compile(r"\^\s*\{[^{}]*\^|\^\s*\d+\s*\^|\*\*\s*\d+\s*\*\*|\^\s*\(\s*[^()]*\^")
@@ -25,7 +30,7 @@ _BIG_EXPONENT = re.compile(r"(?:\^|\*\*)\s*[{(]?\s*-?\d{5}")
 _BIG_FACTORIAL = re.compile(r"\d{4}\s*!|[})]\s*!")
 _BIG_SCIENTIFIC = re.compile(r"\d[eE][+-]?\d{4}")
 _BIG_BINOMIAL = re.compile(r"\\binom\s*\{[^{}]*(?:\d{5}|\^)")
-# A degenerate "1 1 1 …" run: math-verify's number regexes are super-linear on it (notes §2.4), and a parse
+# A degenerate "1 1 1 …" run: math-verify's number regexes are super-linear on it, and a parse
 # cut short by its alarm can fall back to a lone number — observed grading a boxed run of 490 ones as
 # `correct` against "1" on a loaded machine. No real answer has 50 numbers in a row separated by spaces.
 _NUMBER_RUN = re.compile(r"(?:\d+[ \t]+){49}\d")
@@ -43,7 +48,17 @@ def too_costly(answer: str) -> bool:
 
 @functools.lru_cache(maxsize=GOLD_CACHE_SIZE)
 def _parse_gold(reference: str, timeout_s: int) -> list:
-    return parse("$" + reference + "$", parsing_timeout=timeout_s, raise_on_error=True)
+    return _parse("$" + reference + "$", timeout_s)
+
+
+def _parse(text: str, timeout_s: int) -> list:
+    """math-verify's `parse`; an error about the text gives no parse (as math-verify's own default does)."""
+    try:
+        return parse(text, parsing_timeout=timeout_s, raise_on_error=True)
+    except Exception as exc:
+        if is_grader_fault(exc):
+            raise
+        return []
 
 
 class MathGrader(TaskGrader):
@@ -65,20 +80,18 @@ class MathGrader(TaskGrader):
 
         `verify` is called per (gold, prediction) pair, as math-verify itself iterates them, so that an
         exception scores that pair False while its TimeoutException becomes the `timeout` verdict instead
-        of a silent False.
+        of a silent False. Grader faults are raised (the worker answers `error`).
         """
         try:
             gold = _parse_gold(reference, timeout_s)
-            try:
-                pred = parse("$" + answer + "$", parsing_timeout=timeout_s, raise_on_error=True)
-            except Exception:  # an unparsable answer is a wrong one
-                pred = []
+            pred = _parse("$" + answer + "$", timeout_s)
             for g, p in product(gold, pred):
                 try:
                     if verify(g, p, timeout_seconds=timeout_s, raise_on_error=True):
                         return "correct"
-                except Exception:
-                    continue
+                except Exception as exc:
+                    if is_grader_fault(exc):
+                        raise
             return "wrong"
         except TimeoutException:
             return "timeout"

@@ -18,9 +18,9 @@ PARSERS = {"sympify", "parse_expr", "parse_latex"}  # sympy's, which eval their 
 ALLOWED: dict[tuple[str, str], str] = {
     ("reward_server/grading.py", "ProcessPool"): (
         "pebble pickles (grader name, reference, extracted answer, timeout) to its own forked workers and a "
-        "verdict string back, over pipes it opened itself; the strings are data to math-verify, which parses "
-        "LaTeX and only calls parse_expr on a digit/operator regex (../shared/notes/grading.md §4); the workers "
-        "cannot open a file or socket (seal_descriptors)"),
+        "(verdict, detail) pair of strings back, over pipes it opened itself; the strings are data to "
+        "math-verify, which parses LaTeX and only calls parse_expr on a digit/operator regex; the workers cannot "
+        "open a file or socket (reward_server/sandbox.py: seal_descriptors)"),
     ("bench/reward.py", "ProcessPool"): "the benchmark's bare-pool baseline: the same pebble pool as the server's",
 }
 
