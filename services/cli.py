@@ -109,12 +109,14 @@ def generator(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt,
 
 @app.command("reward-server")
 def reward_server(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt,
+                  host: str | None = typer.Option(None, help="bind address (reward.host; 0.0.0.0 in containers)"),
+                  port: int | None = typer.Option(None, min=1, max=65535, help="port (reward.port)"),
                   workers: int | None = typer.Option(None, min=1, help="uvicorn worker processes (reward.workers)"),
                   grader_procs: int | None = typer.Option(
                       None, min=1, help="grading processes per uvicorn worker (reward.grader_procs)")) -> None:
     """Run the reward server (FastAPI + uvicorn)."""
-    extra = [f"reward.workers={workers}"] if workers else []
-    extra += [f"reward.grader_procs={grader_procs}"] if grader_procs else []
+    flags = {"host": host, "port": port, "workers": workers, "grader_procs": grader_procs}
+    extra = [f"reward.{key}={value}" for key, value in flags.items() if value is not None]
     _entry("reward_server.app", "serve")(_setup(config, [*(set_ or []), *extra], "reward"))
 
 
