@@ -6,6 +6,10 @@ a hung replica) is marked down for a jittered, doubling time and the call moves 
 replica is down the client backs off (exponential, capped, with jitter, so a fleet of generators does not
 come back in lock step) and keeps trying for `retry_s` in all; only then does it raise. It never returns
 a partial or made-up grade: the generator publishes nothing ungraded.
+
+A grade with the verdict `error` is a fault of that replica's grader (a broken worker, a module it could not
+load), not a judgement of the answer, and is treated like a failed call: the replica is marked down and
+those items, only those, are graded again by the next one, within the same `retry_s`.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ class Grade:
     reward: float
     extracted: str | None
     verdict: str
+    detail: str | None = None
+
+
+ERROR = "error"  # the reward server's verdict for a fault of its own grader
 
 
 class RewardClientError(RuntimeError):
@@ -98,15 +106,18 @@ class RewardClient:
         missing = [item.id for item in items if item.id not in by_id]
         if missing:
             raise RewardClientError(f"reward server {url} left out {len(missing)} items")
-        return [Grade(i.id, float(by_id[i.id]["reward"]), by_id[i.id].get("extracted"), by_id[i.id]["verdict"])
-                for i in items]
+        return [Grade(i.id, float(by_id[i.id]["reward"]), by_id[i.id].get("extracted"), by_id[i.id]["verdict"],
+                      by_id[i.id].get("detail")) for i in items]
 
     def grade(self, items: list[GradeItem]) -> list[Grade]:
-        """Grades a batch, going round the replicas and backing off while none answers; fails loudly on 4xx
-        and after `retry_s` without an answer."""
-        body = {"items": [item.__dict__ for item in items]}
+        """Grades a batch, going round the replicas and backing off while none answers; items graded `error`
+        are graded again elsewhere. Fails loudly on 4xx, and after `retry_s` without a grade for every item."""
         deadline = time.monotonic() + self.retry_s
+        done: dict[str, Grade] = {}
+        pending = items
         attempt = 0
+        last_error = ""
+        answered = False
         while True:
             url = self._pick()
             wait = self._down_until[url] - time.monotonic()
@@ -115,12 +126,19 @@ class RewardClient:
                     break
                 time.sleep(wait)
             attempt += 1
-            result = self._attempt(url, body, items)
+            result = self._attempt(url, {"items": [item.__dict__ for item in pending]}, pending)
             if not isinstance(result, str):
-                if self._failures[url]:
-                    log.info("reward server %s answers again", url)
-                self._failures[url] = 0
-                return result
+                answered = True
+                faulty = [g for g in result if g.verdict == ERROR]
+                done.update((g.id, g) for g in result if g.verdict != ERROR)
+                pending = [item for item in pending if item.id not in done]
+                if not faulty:
+                    if self._failures[url]:
+                        log.info("reward server %s answers again", url)
+                    self._failures[url] = 0
+                    return [done[item.id] for item in items]
+                result = f"{len(faulty)} of {len(result)} items graded `error` ({faulty[0].detail or 'no detail'})"
+            last_error = result
             self._mark_down(url)
             if self.on_failure is not None:
                 self.on_failure(url, result)
@@ -128,8 +146,11 @@ class RewardClient:
                         max(0.0, deadline - time.monotonic()))
             if time.monotonic() >= deadline:
                 break
+        if answered:
+            raise RewardClientError(f"{len(pending)} of {len(items)} items got no grade from {self.base_url} in "
+                                    f"{self.retry_s:.0f} s ({attempt} attempts; last: {last_error})")
         raise RewardClientError(f"no reward server of {self.base_url} answered for {self.retry_s:.0f} s "
-                                f"({attempt} attempts)")
+                                f"({attempt} attempts; last: {last_error})")
 
     def close(self) -> None:
         self._http.close()

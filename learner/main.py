@@ -636,6 +636,8 @@ def invalid_group(group: TrajectoryGroup, task: PromptTask | None, version: int,
             return f"sample {i}: token id outside the vocabulary [0, {vocab_size})"
         if s.finish_reason not in ("stop", "length", "abort"):
             return f"sample {i}: unknown finish_reason {s.finish_reason[:40]!r}"
+        if s.verdict == "error":  # generators grade such samples again; one that published it has a bug
+            return f"sample {i}: graded `error` (a fault of the grader), published as a reward"
     return None
 
 

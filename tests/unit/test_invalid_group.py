@@ -20,8 +20,8 @@ def _group(**change) -> TrajectoryGroup:
     return dataclasses.replace(base, **change)
 
 
-def _sample(ids, finish="stop") -> Sample:
-    return Sample(np.asarray(ids, np.int32), np.full(len(ids), -0.1, np.float32), 0.0, finish, "")
+def _sample(ids, finish="stop", verdict="wrong") -> Sample:
+    return Sample(np.asarray(ids, np.int32), np.full(len(ids), -0.1, np.float32), 0.0, finish, "", verdict)
 
 
 def test_a_group_that_answers_its_task_passes() -> None:
@@ -38,6 +38,7 @@ def test_a_group_that_answers_its_task_passes() -> None:
     ({"samples": (_sample([1]), _sample([1, 100]))}, "sample 1: token id outside the vocabulary [0, 100)"),
     ({"samples": (_sample([-1]), _sample([1]))}, "sample 0: token id outside"),
     ({"samples": (_sample([1], "boom"), _sample([1]))}, "unknown finish_reason 'boom'"),
+    ({"samples": (_sample([1]), _sample([1], verdict="error"))}, "sample 1: graded `error`"),
 ])
 def test_each_mismatch_is_named(change: dict, reason: str) -> None:
     group = _group(**change)
