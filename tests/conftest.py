@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import redis
 
+from services.metrics import free_port, wait_healthy
 from services.redis_server import EmbeddedRedis, connect
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -23,3 +33,40 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client = connect(redis_url, socket_timeout_s=5.0)
     yield client
     client.close()
+
+
+@contextmanager
+def reward_server_process(*args: str, grader_procs: int = 2,
+                          command: tuple[str, ...] = ("-m", "services.cli", "reward-server")) -> Iterator[str]:
+    """`orz reward-server` as its own process, exactly as a deployment starts it (its own imports, its own
+    sealed grading pool forked from it), on a loopback port; yields its base URL. `command` (after the
+    interpreter) may name a script that injects a fault first."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORZ__") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    log = tempfile.NamedTemporaryFile("w+", prefix="orz-reward-", suffix=".log")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen([sys.executable, *command, "--host", "127.0.0.1",
+                             "--port", str(port), "--grader-procs", str(grader_procs), *args], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            wait_healthy(url, 120, proc, "orz reward-server")
+        except RuntimeError:
+            log.seek(0)
+            raise RuntimeError(f"orz reward-server did not start:\n{log.read()[-3000:]}") from None
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def reward_server() -> Iterator[str]:
+    """One real `orz reward-server` (2 grading processes, default limits) shared by the tests of a session."""
+    with reward_server_process() as url:
+        yield url

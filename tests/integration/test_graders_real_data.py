@@ -2,8 +2,8 @@
 
 Each gold answer, written as a model response, must grade correct; the same response against another item's
 gold must grade wrong (false positives are listed when this fails); equivalent rewrites of gold answers must
-grade correct. Grading runs as the server runs it (extract → screen → compare), in this process: math-verify's
-own alarms bound each call.
+grade correct. Everything is graded over HTTP by a real `orz reward-server` process (the `reward_server`
+fixture): its extraction, screens and sealed worker pool, exactly as a training run grades.
 """
 
 from __future__ import annotations
@@ -13,16 +13,26 @@ import re
 from fractions import Fraction
 from pathlib import Path
 
+import httpx
 import pytest
 
-from reward_server.graders import grade_sync
-
 DATA = Path(__file__).resolve().parents[2] / "data"
-TIMEOUT_S = 5
+MAX_ITEMS = 1024  # the server's default reward.max_items
 
 
-def grade(task_type: str, response: str, reference: str) -> str:
-    return grade_sync(task_type, response, reference, TIMEOUT_S)
+def grade_all(url: str, task_type: str, pairs: list[tuple[str, str]]) -> list[str]:
+    """Verdicts of (response, reference) pairs, graded by the server at `url` in requests of MAX_ITEMS."""
+    verdicts: list[str] = []
+    with httpx.Client(base_url=url, timeout=300) as client:
+        for start in range(0, len(pairs), MAX_ITEMS):
+            items = [{"id": str(start + k), "response": response, "reference": reference, "task_type": task_type}
+                     for k, (response, reference) in enumerate(pairs[start:start + MAX_ITEMS])]
+            resp = client.post("/v1/grade", json={"items": items})
+            assert resp.status_code == 200, resp.text[:500]
+            results = resp.json()["results"]
+            assert [r["id"] for r in results] == [i["id"] for i in items]
+            verdicts += [r["verdict"] for r in results]
+    return verdicts
 
 
 def as_response(answer: str) -> str:
@@ -45,30 +55,27 @@ MATH_BENCHES = ["math500", "aime2024", "amc23", "aime24"]
 
 
 @pytest.mark.parametrize("bench", MATH_BENCHES)
-def test_gold_answers_grade_correct(bench: str) -> None:
+def test_gold_answers_grade_correct(bench: str, reward_server: str) -> None:
     refs = golds(bench)
     assert len(refs) >= 30
     # The response writes the answer the way a model would; AMC's reference keeps its stored float form
     # ("27.0") while the response says "27", so that comparison goes through math-verify.
-    failed = [(ref, v) for ref in refs if (v := grade("math", as_response(_number(ref) if bench == "amc23" else ref),
-                                                       ref)) != "correct"]
+    verdicts = grade_all(reward_server, "math",
+                         [(as_response(_number(ref) if bench == "amc23" else ref), ref) for ref in refs])
+    failed = [(ref, v) for ref, v in zip(refs, verdicts, strict=True) if v != "correct"]
     assert failed == [], failed
 
 
 @pytest.mark.parametrize("bench", MATH_BENCHES)
-def test_other_items_gold_answers_grade_wrong(bench: str) -> None:
+def test_other_items_gold_answers_grade_wrong(bench: str, reward_server: str) -> None:
     refs = golds(bench)
-    false_positives = []
-    compared = 0
-    for i, ref in enumerate(refs):
-        other = refs[(i + 1) % len(refs)]
-        if _canonical(other) == _canonical(ref):
-            continue  # two items with the same answer
-        compared += 1
-        if grade("math", as_response(other), ref) == "correct":
-            false_positives.append((other, ref))
-    print(f"{bench}: {compared} cross pairs, {len(false_positives)} false positives")
-    assert compared >= len(refs) * 0.9
+    # each item's gold against the next item's, unless the two items have the same answer
+    pairs = [(other, ref) for i, ref in enumerate(refs)
+             if _canonical(other := refs[(i + 1) % len(refs)]) != _canonical(ref)]
+    verdicts = grade_all(reward_server, "math", [(as_response(other), ref) for other, ref in pairs])
+    false_positives = [pair for pair, v in zip(pairs, verdicts, strict=True) if v != "wrong"]
+    print(f"{bench}: {len(pairs)} cross pairs, {len(false_positives)} not wrong")
+    assert len(pairs) >= len(refs) * 0.9
     assert false_positives == []
 
 
@@ -116,7 +123,7 @@ def rewrites(gold: str) -> list[str]:
     return out
 
 
-def test_equivalent_rewrites_of_math500_golds_grade_correct() -> None:
+def test_equivalent_rewrites_of_math500_golds_grade_correct(reward_server: str) -> None:
     pairs = [(r, g) for g in golds("math500") for r in rewrites(g)]
     kinds = {
         "dfrac": sum("\\dfrac" in r and "\\dfrac" not in g for r, g in pairs),
@@ -127,18 +134,20 @@ def test_equivalent_rewrites_of_math500_golds_grade_correct() -> None:
     }
     print(f"{len(pairs)} rewrites: {kinds}")
     assert len(pairs) >= 150 and all(n > 0 for n in kinds.values()), kinds
-    failed = [(r, g) for r, g in pairs if grade("math", as_response(r), g) != "correct"]
+    verdicts = grade_all(reward_server, "math", [(as_response(r), g) for r, g in pairs])
+    failed = [(pair, v) for pair, v in zip(pairs, verdicts, strict=True) if v != "correct"]
     assert failed == [], failed
 
 
-def test_hand_written_equivalents() -> None:
-    for response, reference in [("0.5", "\\frac{1}{2}"), ("\\frac12", "0.5"), ("\\{3, 1, 2\\}", "\\{1, 2, 3\\}"),
-                                ("x=3", "3"), ("3", "x = 3"), ("90", "90^\\circ"), ("90^{\\circ}", "90"),
-                                ("10\\text{ cm}", "10"), ("\\dfrac{\\sqrt{3}}{2}", "\\frac{\\sqrt3}{2}"),
-                                ("50\\%", "50"), ("(1, 2)", "\\left( 1, 2 \\right)")]:
-        assert grade("math", as_response(response), reference) == "correct", (response, reference)
-    for response, reference in [("0.33", "\\frac{1}{3}"), ("[1, 2)", "(1, 2)"), ("x^2", "y^2"), ("2", "-2")]:
-        assert grade("math", as_response(response), reference) == "wrong", (response, reference)
+def test_hand_written_equivalents(reward_server: str) -> None:
+    same = [("0.5", "\\frac{1}{2}"), ("\\frac12", "0.5"), ("\\{3, 1, 2\\}", "\\{1, 2, 3\\}"), ("x=3", "3"),
+            ("3", "x = 3"), ("90", "90^\\circ"), ("90^{\\circ}", "90"), ("10\\text{ cm}", "10"),
+            ("\\dfrac{\\sqrt{3}}{2}", "\\frac{\\sqrt3}{2}"), ("50\\%", "50"), ("(1, 2)", "\\left( 1, 2 \\right)"),
+            # wrong in the sealed workers until every grading module was loaded before the seal
+            ("x^2+2x+1", "(x+1)^2"), ("\\frac{1}{2-\\sqrt{3}}", "2+\\sqrt{3}"), ("(2, 5]", "(2,5]")]
+    different = [("0.33", "\\frac{1}{3}"), ("[1, 2)", "(1, 2)"), ("x^2", "y^2"), ("2", "-2"), ("[2, 5]", "(2,5]")]
+    verdicts = grade_all(reward_server, "math", [(as_response(r), g) for r, g in same + different])
+    assert verdicts == ["correct"] * len(same) + ["wrong"] * len(different), list(zip(same + different, verdicts))
 
 
 # ---- GSM8K: numeric ------------------------------------------------------------------------------------
@@ -148,20 +157,16 @@ def _gsm8k() -> list[dict]:
     return [json.loads(line) for line in (DATA / "qwen25_math_eval" / "gsm8k.jsonl").read_text().splitlines()]
 
 
-def test_gsm8k_reference_solutions_grade_correct_and_swapped_ones_wrong() -> None:
+def test_gsm8k_reference_solutions_grade_correct_and_swapped_ones_wrong(reward_server: str) -> None:
     rows = _gsm8k()
     assert len(rows) == 1319
-    finals = [r["answer"].split("####")[-1].strip() for r in rows]
+    finals = [Fraction(r["answer"].split("####")[-1].strip().replace(",", "")) for r in rows]
     # The dataset's own worked solutions end in "#### N": the numeric grader reads that as a response.
-    failed = [i for i, r in enumerate(rows) if grade("numeric", r["answer"], r["answer"]) != "correct"]
-    assert failed == []
-    false_positives = []
-    for i, r in enumerate(rows):
-        j = (i + 1) % len(rows)
-        if Fraction(finals[j].replace(",", "")) != Fraction(finals[i].replace(",", "")):
-            if grade("numeric", rows[j]["answer"], r["answer"]) == "correct":
-                false_positives.append(i)
-    assert false_positives == []
+    verdicts = grade_all(reward_server, "numeric", [(r["answer"], r["answer"]) for r in rows])
+    assert [i for i, v in enumerate(verdicts) if v != "correct"] == []
+    swapped = [(i, (i + 1) % len(rows)) for i in range(len(rows)) if finals[(i + 1) % len(rows)] != finals[i]]
+    verdicts = grade_all(reward_server, "numeric", [(rows[j]["answer"], rows[i]["answer"]) for i, j in swapped])
+    assert [i for (i, _), v in zip(swapped, verdicts, strict=True) if v != "wrong"] == []
 
 
 @pytest.mark.parametrize("template", [
@@ -174,13 +179,15 @@ def test_gsm8k_reference_solutions_grade_correct_and_swapped_ones_wrong() -> Non
     "After all that, the total comes to {n}",
     "#### {n}.00",
 ])
-def test_gsm8k_answer_phrasings(template: str) -> None:
-    rows = _gsm8k()[:200]
-    for r in rows:
+def test_gsm8k_answer_phrasings(template: str, reward_server: str) -> None:
+    right, off_by_one = [], []
+    for r in _gsm8k()[:200]:
         value = int(r["answer"].split("####")[-1].strip().replace(",", ""))  # GSM8K finals are integers
-        for n in {str(value), f"{value:,}"}:
-            assert grade("numeric", template.format(n=n), r["answer"]) == "correct", (template, n)
-        assert grade("numeric", template.format(n=str(value + 1)), r["answer"]) == "wrong"
+        right += [(template.format(n=n), r["answer"]) for n in sorted({str(value), f"{value:,}"})]
+        off_by_one.append((template.format(n=str(value + 1)), r["answer"]))
+    verdicts = grade_all(reward_server, "numeric", right + off_by_one)
+    assert [pair for pair, v in zip(right, verdicts, strict=False) if v != "correct"] == []
+    assert verdicts[len(right):] == ["wrong"] * len(off_by_one)
 
 
 # ---- GPQA Diamond: choice ------------------------------------------------------------------------------
@@ -193,16 +200,20 @@ PHRASINGS = [
 ]
 
 
-def test_gpqa_diamond_letters_in_usual_phrasings() -> None:
+def test_gpqa_diamond_letters_in_usual_phrasings(reward_server: str) -> None:
     items = json.loads((DATA / "orz_eval" / "gpqa_diamond.json").read_text())
     assert len(items) == 198
+    right, other = [], []
     for x in items:
         gold = x["final_answer"].strip()
         assert gold in "ABCD"
         wrong = next(c for c in "ABCD" if c != gold)
-        for p in PHRASINGS:
-            assert grade("choice", p.format(L=gold), gold) == "correct", (p, gold)
-            assert grade("choice", p.format(L=wrong), gold) == "wrong", (p, wrong)
-    assert grade("choice", "I cannot decide.", "A") == "no_answer"
-    # The last commitment counts, not the first option mentioned.
-    assert grade("choice", "Option A looks tempting, but the answer is (C).", "C") == "correct"
+        right += [(p.format(L=gold), gold) for p in PHRASINGS]
+        other += [(p.format(L=wrong), gold) for p in PHRASINGS]
+    verdicts = grade_all(reward_server, "choice", right + other)
+    assert [pair for pair, v in zip(right, verdicts, strict=False) if v != "correct"] == []
+    assert [pair for pair, v in zip(other, verdicts[len(right):], strict=True) if v != "wrong"] == []
+    # No letter is no answer; the last commitment counts, not the first option mentioned.
+    assert grade_all(reward_server, "choice", [("I cannot decide.", "A"),
+                                               ("Option A looks tempting, but the answer is (C).", "C")]) == [
+        "no_answer", "correct"]

@@ -124,7 +124,7 @@ HALF = "<think>1/2 = 0.5</think> <answer>\\boxed{\\frac{1}{2}}</answer>"
 def test_known_pairs(client: httpx.Client, response: str, reference: str, verdict: str, extracted: str | None) -> None:
     [result] = grade(client, item("q/0", response, reference, truncated=verdict == "truncated"))
     assert result == {"id": "q/0", "reward": 1.0 if verdict == "correct" else 0.0,
-                      "extracted": extracted, "verdict": verdict}
+                      "extracted": extracted, "verdict": verdict, "detail": None}
 
 
 def test_batch_keeps_order_and_ids(client: httpx.Client) -> None:
@@ -200,6 +200,7 @@ def test_crashed_worker_gives_error_and_server_stays_up() -> None:
         os.kill(worker, signal.SIGKILL)
         poster.join(timeout=10)
         assert outcome["results"][0]["verdict"] == "error" and outcome["results"][0]["reward"] == 0.0
+        assert "grading worker died" in outcome["results"][0]["detail"]
         assert metric(c, "orz_reward_worker_restarts_total") == 1
         assert grade(c, item("c/1", HALF, "0.5"))[0]["verdict"] == "correct"
 
