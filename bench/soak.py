@@ -65,9 +65,9 @@ def soak(minutes: float, kill_every: float, sample_s: float, warmup_min: float, 
     stack = Stack(workdir, "soak", steps=10_000_000, batch=4)
     samples: list[dict] = []
     kills = []
-    t0 = time.time()
     with stack:
         stack.wait_steps(1)
+        t0 = time.time()  # the soak's minutes count from the first step, not from the processes' start-up
         r = stack.client()
         next_kill = time.time() + kill_every
         while time.time() - t0 < minutes * 60:
@@ -90,8 +90,7 @@ def soak(minutes: float, kill_every: float, sample_s: float, warmup_min: float, 
             row["rss_mb"]["redis"] = _rss_mb(stack.redis.pid)
             samples.append(row)
             time.sleep(sample_s)
-        stack.learner.signal(signal.SIGTERM)
-        stack.learner.p.wait(120)
+        stack.stop_learner()
         counts = check_accounting(stack, final="STOPPED")
 
     # Each process's own first `warmup_min` are left out (a restarted generator has its own start-up).

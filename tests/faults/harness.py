@@ -175,6 +175,13 @@ class Stack:
         assert self.learner is not None
         assert self.learner.p.wait(120) == 0, self.learner.text()[-4000:]
 
+    def stop_learner(self, timeout_s: float = 120) -> None:
+        """Stops a run that has no natural end (`steps` larger than it will ever reach) the way an operator does:
+        SIGTERM to the learner, which writes STOPPED with its accounting (`check_accounting(final="STOPPED")`)."""
+        assert self.learner is not None
+        self.learner.signal(signal.SIGTERM)
+        assert self.learner.p.wait(timeout_s) == 0, self.learner.text()[-4000:]
+
     def dead_letters(self) -> list:
         return dead_letters(self.client(), self.keys.dead, count=10_000)
 

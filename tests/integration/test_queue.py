@@ -152,15 +152,15 @@ def test_reclaim_respects_count_and_skips_bad_entries(prompts: StreamQueue[Promp
     # an older consumer read them raw (no decoding, so nothing was dead-lettered) and died
     r.xreadgroup(GENERATOR_GROUP, "old", {KEYS.prompts: ">"}, count=10)
     assert prompts.pending_count() == 6
-    time.sleep(0.3)
+    time.sleep(1.0)
 
     # the first XAUTOCLAIM of 3 returns only 2 good messages; the cursor loop fetches the third
-    first = prompts.reclaim("gen-b", min_idle_ms=250, count=3)
+    first = prompts.reclaim("gen-b", min_idle_ms=900, count=3)
     assert ids_of(first) == ["task-0", "task-1", "task-2"]
     assert len(dead_letters(r, KEYS.dead)) == 2
     assert prompts.pending_count() == 4
     # what gen-b just took is no longer idle; only the last entry is left to take
-    assert ids_of(prompts.reclaim("gen-c", min_idle_ms=250, count=3)) == ["task-3"]
+    assert ids_of(prompts.reclaim("gen-c", min_idle_ms=900, count=3)) == ["task-3"]
 
 
 def test_bad_entries_go_to_dead_letters_and_good_ones_flow_in_order(prompts: StreamQueue[PromptTask]) -> None:
@@ -234,7 +234,14 @@ def test_blocked_read_survives_its_stream_being_deleted(prompts: StreamQueue[Pro
     """A restarted learner resets the streams while generators are blocked in XREADGROUP; Redis 7 wakes them
     with "UNBLOCKED the stream key no longer exists", which must not crash them."""
     other = connect(redis_url, socket_timeout_s=5.0)
-    timer = threading.Timer(0.3, lambda: other.delete(KEYS.prompts))
+
+    def delete_once_blocked() -> None:  # not after a fixed delay: the read must be blocked when the key goes
+        deadline = time.monotonic() + 10
+        while other.info("clients")["blocked_clients"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        other.delete(KEYS.prompts)
+
+    timer = threading.Thread(target=delete_once_blocked)
     timer.start()
     t0 = time.monotonic()
     assert prompts.read("gen-a", count=1, block_ms=2000) == []  # woken by the delete, group recreated

@@ -28,14 +28,16 @@ def test_a_hung_replica_is_bypassed() -> None:
         hung.listen()  # the kernel accepts connections; nothing ever answers
         hung_url = f"http://127.0.0.1:{hung.getsockname()[1]}"
         failures: list[tuple[str, str]] = []
-        client = RewardClient(f"{hung_url},{live}", timeout_s=1.0, retry_s=30,
+        # marked down for 30-60 s after its first failure: the live replica serves every later batch, however
+        # long they take on this machine
+        client = RewardClient(f"{hung_url},{live}", timeout_s=1.0, retry_s=30, backoff_base_s=60,
                               on_failure=lambda url, err: failures.append((url, err)))
         t0 = time.monotonic()
         for _ in range(6):
             grades = client.grade(_items(4))
             assert [g.verdict for g in grades] == ["correct", "wrong", "correct", "wrong"]
-        # the hung replica cost one timeout, then stayed marked down (0.5-1 s, doubling) while the live one served
-        assert 1 <= len(failures) <= 3 and all(url == hung_url and "ReadTimeout" in err for url, err in failures)
+        # the hung replica cost one timeout, then stayed marked down while the live one served
+        assert len(failures) == 1 and all(url == hung_url and "ReadTimeout" in err for url, err in failures)
         assert time.monotonic() - t0 < 1.0 * len(failures) + 5
         client.close()
 

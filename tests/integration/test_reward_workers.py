@@ -51,21 +51,26 @@ def test_two_uvicorn_workers_share_the_port_and_the_metrics() -> None:
                 pass
             assert time.time() < deadline, "reward server did not start"
             time.sleep(0.2)
-        time.sleep(2)  # both workers up (the first one may answer /healthz before the second has started)
-        workers = _children(proc.pid)
-        assert len(workers) >= 2  # uvicorn's worker processes (its supervisor may add a resource tracker)
-        assert sum(len(_children(w)) >= 1 for w in workers) >= 2  # each with its own grading process
+        deadline = time.time() + 60
+        while True:  # both uvicorn workers up, each with its grading process (the first answers /healthz earlier)
+            workers = _children(proc.pid)  # uvicorn's worker processes (its supervisor may add a resource tracker)
+            if len(workers) >= 2 and sum(len(_children(w)) >= 1 for w in workers) >= 2:
+                break
+            assert time.time() < deadline, f"workers {workers} did not all start their grading pools"
+            time.sleep(0.2)
         pids = set()
-        for i in range(30):  # a fresh connection per request: the kernel spreads them over the workers
+        sent = 0
+        while len(pids) < 2 and sent < 200:  # a fresh connection per request: the kernel spreads them over workers
             with httpx.Client(base_url=url, timeout=10) as c:
                 resp = c.post("/v1/grade", json={"items": [
-                    {"id": f"{i}/0", "response": "<answer>\\boxed{\\frac{1}{2}}</answer>", "reference": "0.5"},
-                    {"id": f"{i}/1", "response": "<answer>\\boxed{3}</answer>", "reference": "0.5"}]})
+                    {"id": f"{sent}/0", "response": "<answer>\\boxed{\\frac{1}{2}}</answer>", "reference": "0.5"},
+                    {"id": f"{sent}/1", "response": "<answer>\\boxed{3}</answer>", "reference": "0.5"}]})
                 assert [r["verdict"] for r in resp.json()["results"]] == ["correct", "wrong"]
+                sent += 1
                 pids.add(c.get("/healthz").json().get("pid"))
         assert len(pids) == 2, pids  # both workers answered
         text = httpx.get(f"{url}/metrics", timeout=5).text
-        assert _grades(text, "correct") == 30 and _grades(text, "wrong") == 30  # summed over both workers
+        assert _grades(text, "correct") == sent and _grades(text, "wrong") == sent  # summed over both workers
     finally:
         proc.send_signal(signal.SIGINT)
         try:
