@@ -51,7 +51,8 @@ def test_grading_workers_cannot_open_files_or_sockets(tmp_path: Path) -> None:
     assert unsealed["socket"] in ("allowed", "ECONNREFUSED")
 
     async def run() -> tuple[dict[str, str], str]:
-        grader = Grader(RewardConfig(grader_procs=1), RewardMetrics(CollectorRegistry()))
+        # forked from this test process, which holds torch and vLLM (about 2 GB of address space): a cap with room
+        grader = Grader(RewardConfig(grader_procs=1, worker_mem_mb=8192), RewardMetrics(CollectorRegistry()))
         await grader.start()
         try:
             sealed = await asyncio.wrap_future(grader._live_pool().schedule(_probe, args=(target,), timeout=30))

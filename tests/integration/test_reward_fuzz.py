@@ -1,6 +1,6 @@
 """Fuzz the reward server's HTTP API with schemathesis, from the app's own OpenAPI document, against the real
 app under uvicorn: generated requests (valid and invalid bodies) must never get a 5xx, and every response
-must match the status codes and schemas the document declares.
+must match the status codes and schemas the document declares. The server is a real `orz reward-server` process.
 
 Driven through schemathesis' Python API and hypothesis directly (its pytest plugin does not load under
 this pytest version)."""

@@ -1,4 +1,5 @@
-"""The reward server (reward_server/app.py) over real HTTP: uvicorn on a loopback port, httpx as the client.
+"""The reward server over real HTTP: `orz reward-server` as its own process on a loopback port (as deployed: its
+own imports, its sealed pool forked from it), httpx as the client.
 
 Covers grading of known pairs, the outer kill of a hanging comparison while /healthz stays responsive, a
 crashed worker, request limits, the bearer token and the Prometheus series.
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,10 +17,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
+from conftest import reward_server_process
 from prometheus_client.parser import text_string_to_metric_families
 
-from reward_server.app import create_app
 from services.config import RewardConfig
 
 TOWER = "<think>big</think> <answer>\\boxed{9^{9^{9^9}}}</answer>"  # sympy hangs on it (notes §2.4)
@@ -37,34 +36,26 @@ def _state(pid: int) -> str:
         return ""
 
 
-def _live_children() -> set[int]:
+def _live_children(pid: int) -> set[int]:
     pids: set[int] = set()
-    for path in Path(f"/proc/{os.getpid()}/task").glob("*/children"):
+    for path in Path(f"/proc/{pid}/task").glob("*/children"):
         pids.update(int(p) for p in path.read_text().split())
     return {p for p in pids if _state(p) not in ("", "Z")}
 
 
+def _workers(url: str) -> set[int]:
+    """The grading processes of the server at `url` (the children of the process that answers /healthz)."""
+    return _live_children(httpx.get(f"{url}/healthz", timeout=5).json()["pid"])
+
+
 @contextmanager
 def running_server(cfg: RewardConfig) -> Iterator[str]:
-    """The real app under uvicorn in a background thread, on a socket bound before it starts (no port race)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(cfg), log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "reward server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
-        sock.close()
-        assert not thread.is_alive(), "reward server did not shut down"
+    """A real `orz reward-server` process with the settings of `cfg` that differ from the defaults."""
+    defaults = RewardConfig().model_dump()
+    sets = [f"reward.{key}={value}" for key, value in cfg.model_dump().items()
+            if value != defaults[key] and key != "grader_procs"]
+    with reward_server_process(*[arg for s in sets for arg in ("--set", s)], grader_procs=cfg.grader_procs) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -183,11 +174,10 @@ def test_hanging_item_times_out_while_healthz_answers(client: httpx.Client, serv
 
 
 def test_crashed_worker_gives_error_and_server_stays_up() -> None:
-    before = _live_children()
     with running_server(RewardConfig(grader_procs=1, grade_timeout_s=10.0, **LIMITS)) as url, httpx.Client(
         base_url=url, timeout=30.0
     ) as c:
-        [worker] = _live_children() - before
+        [worker] = _workers(url)
         # a worker killed while grading: that item answers `error`, pebble forks a replacement
         outcome: dict = {}
         poster = threading.Thread(target=lambda: outcome.update(results=grade(c, item("c/0", SLOW, "1"))))
@@ -205,7 +195,7 @@ def test_crashed_worker_gives_error_and_server_stays_up() -> None:
         assert grade(c, item("c/1", HALF, "0.5"))[0]["verdict"] == "correct"
 
         # an idle worker killed (the OOM killer's choice) makes pebble give the pool up; it is rebuilt
-        [worker] = _live_children() - before
+        [worker] = _workers(url)
         os.kill(worker, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while _state(worker) != "":  # reaped: pebble has seen it die, in the pass that gives the pool up
