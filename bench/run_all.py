@@ -52,6 +52,16 @@ def _reward(r: dict) -> tuple[str, str, str]:
             f"{_f(r['http']['grades_per_s'], 0)} vs {_f(r['direct_pool']['grades_per_s'], 0)} grades/s")
 
 
+def _isolation(r: dict) -> tuple[str, str, str]:
+    now, seal = r["modes"]["preload_seal_watch"], r["modes"]["seal"]
+    wrong = seal["differences_by_kind"].get("correct -> wrong", 0)
+    return (f"{now['differences']} of {r['pairs']:,} verdicts differ from math-verify; "
+            f"{_f(now['ratio_to_unsealed'], 3)}× of unsealed grades/s", "0; ≥ 0.9×",
+            f"seal alone (before): {seal['differences']:,} differ, {wrong:,} correct answers graded wrong; "
+            f"server {now['server']['rss_mb']:.0f} vs {seal['server']['rss_mb']:.0f} MB RSS, start "
+            f"{now['start_s']:.1f} vs {seal['start_s']:.1f} s")
+
+
 def _weight_sync(r: dict) -> tuple[str, str, str]:
     return (f"{_f(r['ratio'], 3)}× of raw TCP", f"≥ {r['goal_ratio']}×",
             f"{_f(r['broadcast_GBps'])} vs {_f(r['raw_tcp_GBps'])} GB/s, {r['params'] / 1e6:.0f}M params to "
@@ -94,6 +104,8 @@ BENCHES: dict[str, tuple[list[str], Callable[[dict], tuple[str, str, str]], str]
     "generator_backends": (["bench/generator_backends.py"], _backends, "vLLM vs the transformers fallback"),
     "reward": (["bench/reward.py", "--items", "2000", "--procs", "2"], _reward,
                "reward server over HTTP vs a bare process pool"),
+    "grading_isolation": (["bench/grading_isolation.py"], _isolation,
+                          "sealed grading workers vs unsealed ones and vs math-verify in a plain process"),
     "weight_sync": (["bench/weight_sync.py"], _weight_sync, "gloo broadcast of a 0.5B-shaped model vs raw TCP"),
     "transport": (["bench/transport.py", "--groups", "64"], _transport,
                   "TrajectoryGroups through the queue vs raw Redis stream calls"),

@@ -95,8 +95,9 @@ class RedisConfig(_Section):
 class RewardConfig(_Section):
     url: str | None = Field(None, description="reward server base URL, or several replicas comma-separated; "
                             "`orz up` fills it in")
-    host: str = Field("127.0.0.1", description="reward server bind address")
-    port: int = Field(8600, description="reward server port (`orz up` picks a free one)")
+    host: str = Field("127.0.0.1", description="reward server bind address (`orz reward-server --host`; 0.0.0.0 in "
+                      "containers)")
+    port: int = Field(8600, description="reward server port (`--port`; `orz up` picks a free one)")
     workers: int = Field(1, description="uvicorn worker processes (`orz reward-server --workers`); each has its own "
                          "grading pool; metrics are aggregated across them")
     grader_procs: int = Field(2, description="grading worker processes per uvicorn worker (`--grader-procs`)")
