@@ -76,7 +76,7 @@ def soak(minutes: float, kill_every: float, sample_s: float, warmup_min: float, 
             if now >= next_kill:
                 gen = stack.generators[1]
                 gen.signal(signal.SIGKILL)
-                kills.append({"t": round(now - t0, 1), "generator": gen.name})
+                kills.append({"t": round(now - t0, 1), "generator": gen.name, "steps": len(stack.records())})
                 time.sleep(5)
                 gen.restart()
                 next_kill = time.time() + kill_every

@@ -130,7 +130,9 @@ class Grader:
     async def start(self) -> float:
         """Loads every grading module, warms math-verify, forks the pool and waits for one task per worker;
         returns a worker's VmSize (MB) when it was sealed."""
-        modules, seconds = await asyncio.to_thread(preload_grading_modules)
+        # On the loop's own thread, before the server answers anything: the import block it installs for a
+        # second is process-wide, and no other import may run meanwhile.
+        modules, seconds = preload_grading_modules()
         log.info("grading modules loaded before the seal: %d more in %.2f s", modules, seconds)
         await asyncio.to_thread(_warm_up)
         self._pool = self._new_pool()
