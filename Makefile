@@ -40,7 +40,7 @@ test-slow: venv system-deps
 
 test: test-fast test-slow
 
-# Every benchmark (about 25 minutes); writes bench/results/<date>.json and the README's table.
+# Every benchmark (about 20 minutes); writes bench/results/<date>.json and the README's table.
 bench: venv system-deps base-model
 	$(PY) bench/run_all.py --readme
 

@@ -2,7 +2,7 @@
 and (with `--readme`) rendered into the README's performance table between its `bench:start` / `bench:end`
 markers. Each benchmark runs as its own process and compares against a baseline measured in the same run.
 
-    python bench/run_all.py --readme            # everything (about 25 minutes on 2 cores)
+    python bench/run_all.py --readme            # everything (about 20 minutes on 2 cores)
     python bench/run_all.py --only transport,simulate
     python bench/run_all.py --readme --from bench/results/2026-11-25.json   # re-render a saved run
 """
