@@ -35,6 +35,28 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
+@pytest.fixture(scope="session")
+def tiny_base_model() -> Path:
+    """The tiny base model of configs/tiny.yaml, built once (`orz make-base-model`, as `make run` does) when the
+    cache does not have it: slow tests start learners and generators that load it."""
+    from services.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", environ={})
+    if not (cfg.model.path / "config.json").is_file():
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ORZ__")}
+        subprocess.run([sys.executable, "-m", "services.cli", "make-base-model", "--config", "configs/tiny.yaml"],
+                       cwd=ROOT, env=env, check=True, timeout=1800)
+    return cfg.model.path
+
+
+@pytest.fixture(autouse=True)
+def _base_model_for_slow_tests(request: pytest.FixtureRequest) -> None:
+    """Every slow test has the tiny base model, whichever runs first on a machine that never built it (a fresh
+    CI machine ran the membership test before any `orz up` had built it, and its generators refused to start)."""
+    if request.node.get_closest_marker("slow") is not None:
+        request.getfixturevalue("tiny_base_model")
+
+
 @contextmanager
 def reward_server_process(*args: str, grader_procs: int = 2,
                           command: tuple[str, ...] = ("-m", "services.cli", "reward-server")) -> Iterator[str]:
