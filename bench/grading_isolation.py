@@ -23,7 +23,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -31,10 +30,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
+sys.path.append(str(Path(__file__).resolve().parent))  # last: the packages keep their names
 
-import httpx  # noqa: E402
 from answer_forms import generate  # noqa: E402
 from math_verify import parse, verify  # noqa: E402
+from reward import http  # noqa: E402
 
 from services.metrics import free_port, wait_healthy  # noqa: E402
 
@@ -80,38 +80,17 @@ def run_mode(name: str, pairs: list, plain: list[bool], clients: int, batch: int
         start_s = time.perf_counter() - t0
         items = [{"id": str(i), "response": f"<answer>\\boxed{{{p.answer}}}</answer>", "reference": p.reference,
                   "task_type": "math"} for i, p in enumerate(pairs)]
-        batches = [items[i:i + batch] for i in range(0, len(items), batch)]
-        verdicts: dict[int, str] = {}
-        lock = threading.Lock()
-
-        def client() -> None:
-            with httpx.Client(base_url=url, timeout=300) as c:
-                while True:
-                    with lock:
-                        if not batches:
-                            return
-                        body = batches.pop()
-                    resp = c.post("/v1/grade", json={"items": body})
-                    resp.raise_for_status()
-                    with lock:
-                        verdicts.update({int(r["id"]): r["verdict"] for r in resp.json()["results"]})
-
-        threads = [threading.Thread(target=client) for _ in range(clients)]
-        t1 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        seconds = time.perf_counter() - t1
+        graded = http(url, items, batch, clients)  # bench/reward.py's clients
         workers = [_memory_mb(w) for w in _children(proc.pid)]
         server = _memory_mb(proc.pid)
     finally:
         proc.terminate()
         proc.wait(30)
-    differ = Counter(f"{'correct' if ok else 'wrong'} -> {verdicts[i]}" for i, ok in enumerate(plain)
-                     if verdicts[i] != ("correct" if ok else "wrong"))
+    verdicts = graded["verdicts"]
+    differ = Counter(f"{'correct' if ok else 'wrong'} -> {verdicts[str(i)]}" for i, ok in enumerate(plain)
+                     if verdicts[str(i)] != ("correct" if ok else "wrong"))
     return {"start_s": round(start_s, 2), "server": server, "workers": workers,
-            "grades_per_s": round(len(pairs) / seconds, 1), "differences": sum(differ.values()),
+            "grades_per_s": graded["grades_per_s"], "differences": sum(differ.values()),
             "differences_by_kind": dict(differ)}
 
 
