@@ -106,6 +106,9 @@ class _ErrorLog:
 
     def note(self, item_id: str, task_type: str, detail: str) -> None:
         key = f"{task_type}: {detail}"
+        if len(self._last) > 1000:  # details that never repeat must not grow this without bound
+            self._last.clear()
+            self._count.clear()
         self._count[key] = self._count.get(key, 0) + 1
         now = time.monotonic()
         if now - self._last.get(key, -self.every_s) >= self.every_s:
