@@ -36,6 +36,7 @@ from learner import parallel
 from learner.batch import build_batch
 from learner.critic import Critic
 from learner.feeder import Feeder
+from learner.logits import install_chunked_head
 from learner.plot import plot_curves
 from learner.trainer import PPOTrainer
 from learner.weight_group import WeightGroup
@@ -66,6 +67,8 @@ class LearnerMetrics:
         self.is_trunc = Gauge("orz_learner_is_truncated_fraction", "IS weights truncated at is_cap", registry=r)
         self.value_loss = Gauge("orz_learner_value_loss", "critic loss", registry=r)
         self.explained_var = Gauge("orz_learner_explained_variance", "critic explained variance", registry=r)
+        self.padded_fraction = Gauge("orz_learner_padded_fraction", "share of the token slots the learner computed "
+                                     "that were padding (length-bucketed micro-batches)", registry=r)
         self.staleness = Histogram("orz_learner_staleness_versions", "versions between sampling and training",
                                    registry=r, buckets=(0, 1, 2, 3, 4, 6, 8, 16))
         self.dropped = Counter("orz_learner_dropped_stale", "groups dropped as too stale", registry=r)
@@ -97,7 +100,8 @@ class Learner:
         exists and starts fresh otherwise (a restarted Kubernetes pod)."""
         self.cfg = cfg
         lc = cfg.learner
-        self.dp = parallel.init_from_env()
+        self.dtype = lc.compute_dtype(torch.cuda.is_available())
+        self.dp = parallel.init_from_env(mixed_precision=self.dtype == "bfloat16")
         torch.manual_seed(lc.seed)
         torch.set_num_threads(lc.threads)
         self.run_path = cfg.run_path
@@ -138,12 +142,20 @@ class Learner:
         if lc.kl_coef > 0:
             self.reference = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
             self.reference.requires_grad_(False)
+        for model in (self.actor, self.reference):
+            if model is not None and lc.logits_chunk_tokens > 0:
+                install_chunked_head(model, lc.logits_chunk_tokens)  # no [tokens × vocab] logits (learner/logits.py)
+        if lc.activation_checkpointing:  # per decoder layer; recomputed in the backward pass
+            for body in (self.actor, self.critic.backbone if self.critic is not None else None):
+                if body is not None:
+                    body.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for model in (self.actor, self.critic, self.reference):
             if model is not None:
                 model.to(self.dp.device)  # the rank's GPU when there is one (FSDP2 shards from there)
-                if self.dp.enabled:
-                    parallel.shard(model)
-        self.trainer = PPOTrainer(lc, self.actor, self.critic, self.reference, self.dp.group)
+                if self.dp.sharded:
+                    parallel.shard(model, mixed_precision=self.dp.mixed_precision)
+        self.trainer = PPOTrainer(lc, self.actor, self.critic, self.reference,
+                                  self.dp.group if self.dp.enabled else None)
         if self.resume_from is not None:
             self._load_trainer_state()
 
@@ -505,6 +517,7 @@ class Learner:
             "is_truncated_frac": stats.get("is_truncated_frac", 0.0),
             "value_loss": stats.get("value_loss", float("nan")),
             "explained_variance": stats.get("explained_variance", float("nan")),
+            "padded_fraction": stats.get("padded_fraction", 0.0),
             "wait_s": t_collected - t_start, "train_s": t_trained - t_collected,
             "broadcast_s": broadcast_s, "step_time_s": time.time() - t_start,
             "inflight_prompts": self.feeder.inflight,
@@ -549,6 +562,7 @@ class Learner:
         m.is_trunc.set(r["is_truncated_frac"])
         m.value_loss.set(r["value_loss"])
         m.explained_var.set(r["explained_variance"])
+        m.padded_fraction.set(r["padded_fraction"])
         for v in r["group_versions"]:
             m.staleness.observe(r["policy_version"] - 1 - v)
         for phase in ("wait_s", "train_s", "broadcast_s", "step_time_s"):

@@ -33,6 +33,7 @@ class DataParallel:
     group: dist.ProcessGroup | None = None  # training collectives (FSDP), None on one process
     control: dist.ProcessGroup | None = None  # gloo: batches and commands from rank 0
     device: torch.device = torch.device("cpu")  # where this rank trains
+    mixed_precision: bool = False  # bf16 compute with fp32 master weights (FSDP2's MixedPrecisionPolicy)
 
     @property
     def is_main(self) -> bool:
@@ -40,22 +41,33 @@ class DataParallel:
 
     @property
     def enabled(self) -> bool:
+        """More than one rank: batches are split and collectives cross processes."""
         return self.world > 1
 
+    @property
+    def sharded(self) -> bool:
+        """Models are FSDP2 modules: with several ranks, and with mixed precision also on one (the same
+        semantics whatever the world size: bf16 compute, fp32 master weights, fp32 gradient reduction)."""
+        return self.world > 1 or self.mixed_precision
 
-def init_from_env() -> DataParallel:
-    """A process group from torchrun's environment (WORLD_SIZE > 1), else the single-process context."""
+
+def init_from_env(mixed_precision: bool = False) -> DataParallel:
+    """A process group from torchrun's environment (WORLD_SIZE > 1), else the single-process context; with
+    `mixed_precision` a single process gets a one-rank group too, for FSDP2's mixed-precision policy."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if world <= 1:
-        return DataParallel(device=device)
     backend = "nccl" if cuda else "gloo"
+    if world <= 1:
+        if mixed_precision and not dist.is_initialized():
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        return DataParallel(device=device, mixed_precision=mixed_precision,
+                            group=dist.group.WORLD if mixed_precision else None)
     dist.init_process_group(backend)
     control = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
-    dp = DataParallel(dist.get_rank(), dist.get_world_size(), dist.group.WORLD, control, device)
+    dp = DataParallel(dist.get_rank(), dist.get_world_size(), dist.group.WORLD, control, device, mixed_precision)
     log.info("data parallel: rank %d of %d (%s)", dp.rank, dp.world, backend)
     return dp
 
@@ -63,7 +75,10 @@ def init_from_env() -> DataParallel:
 def close(dp: DataParallel) -> None:
     """Leave the process group on every rank: a barrier first, so no rank tears down while a peer's last
     collective is still under way, then destroy. A dead peer only costs a warning."""
-    if not dp.enabled or not dist.is_initialized():
+    if not dp.sharded or not dist.is_initialized():
+        return
+    if not dp.enabled:  # the one-rank group of mixed precision: nobody to wait for
+        dist.destroy_process_group()
         return
     try:
         dist.barrier(group=dp.control)
@@ -78,7 +93,7 @@ def end_process(dp: DataParallel, code: int = 0) -> None:
     work item (holding tensors with Python references) while the interpreter finalizes takes the GIL, is
     terminated, and aborts the process (SIGABRT, "terminate called without an active exception"; one exit
     in three on 2 CPU ranks, seen in a core dump). Everything is written and flushed before this."""
-    if not dp.enabled:
+    if not dp.sharded:
         return
     logging.shutdown()
     sys.stdout.flush()
@@ -99,19 +114,23 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     raise ValueError(f"cannot find decoder layers in {type(model).__name__}")
 
 
-def shard(model: nn.Module) -> nn.Module:
-    """FSDP2 in place: each decoder layer is a unit, the root takes the rest (embeddings, norm, head)."""
-    from torch.distributed.fsdp import fully_shard
+def shard(model: nn.Module, mixed_precision: bool = False) -> nn.Module:
+    """FSDP2 in place: each decoder layer is a unit, the root takes the rest (embeddings, norm, head). With
+    `mixed_precision`, parameters are cast to bf16 for compute and gradients reduced in fp32; the sharded
+    parameters the optimiser steps stay fp32 (master weights)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
+        else MixedPrecisionPolicy()
     for layer in decoder_layers(model):
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
     return model
 
 
 def full_state_dict(model: nn.Module, dp: DataParallel) -> dict[str, torch.Tensor]:
     """The unsharded state dict on CPU, on every rank (a collective when sharded)."""
-    if not dp.enabled:
+    if not dp.sharded:
         return {k: v.detach() for k, v in model.state_dict().items()}
     out = {}
     for k, v in model.state_dict().items():
@@ -161,7 +180,7 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, dp: Data
     A collective when sharded; rank 0 holds the tensors on CPU."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=dp.enabled)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=dp.sharded)
     return get_optimizer_state_dict(model, optimizer, options=options)
 
 

@@ -34,13 +34,23 @@ from learner.advantages import grpo_advantages, rloo_advantages
 from learner.batch import RolloutBatch, microbatches
 from learner.critic import Critic
 from learner.gae import compute_gae, masked_mean
+from learner.logits import ChunkedHead
 from learner.loss import entropy_from_logits, explained_variance, kl_penalty, ppo_policy_loss, value_loss
 from services.config import LearnerConfig
 
 
 def token_logprobs(model: nn.Module, mb: RolloutBatch, with_entropy: bool = False):
-    """log π(a_t|s_t) on the response grid [B, T] (and the policy's entropy there, when asked)."""
-    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
+    """log π(a_t|s_t) on the response grid [B, T] (and the policy's entropy there, when asked), in fp32 at least.
+
+    With a `ChunkedHead` (learner.logits_chunk_tokens > 0) only the response positions get logits, a chunk at
+    a time (learner/logits.py); otherwise the head's full [B, L, vocab] logits are built."""
+    head = model.get_output_embeddings()
+    if isinstance(head, ChunkedHead):
+        targets = mb.input_ids.gather(1, mb.response_index + 1)  # the response token each position predicts
+        with head.gather(mb.response_index, targets, mb.response_mask, with_entropy) as request:
+            logp = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
+        return (logp, request.entropy) if with_entropy else logp
+    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits[:, :-1]
     if logits.dtype in (torch.float16, torch.bfloat16):  # log-softmax in fp32 at least (fp64 models stay fp64)
         logits = logits.float()
     logp = torch.log_softmax(logits, dim=-1)
@@ -53,8 +63,9 @@ def token_logprobs(model: nn.Module, mb: RolloutBatch, with_entropy: bool = Fals
 
 
 def token_values(critic: Critic, mb: RolloutBatch) -> torch.Tensor:
-    """V(s_t) on the response grid: the value at the position that predicts response token t."""
-    return torch.gather(critic(mb.input_ids, mb.attention_mask), 1, mb.response_index)
+    """V(s_t) on the response grid: the value at the position that predicts response token t (fp32 at least)."""
+    values = torch.gather(critic(mb.input_ids, mb.attention_mask), 1, mb.response_index)
+    return values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
 
 
 def _warmup_constant(warmup_steps: int):
@@ -136,6 +147,8 @@ class PPOTrainer:
         cfg = self.cfg
         timings: dict[str, float] = {}
         t0 = time.time()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         batch = batch.to(self.device)
         schedule = self._schedule(batch)
         local_tokens = float(batch.response_mask.sum())
@@ -243,6 +256,13 @@ class PPOTrainer:
         stats["actor_lr"] = self.actor_sched.get_last_lr()[0]
         stats["microbatches"] = float(len(schedule))
         stats["tokens"] = n_tokens
+        # Of the token slots the micro-batches computed (rows × padded width), the share that was padding.
+        real, slots = self._sum([float(batch.seq_lens.sum()),
+                                 float(sum(len(rows) * int(batch.seq_lens[rows].max()) for rows, use in schedule
+                                           if use))])
+        stats["padded_fraction"] = 1.0 - real / max(slots, 1.0)
+        if self.device.type == "cuda":
+            stats["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         stats.update(timings)
         return stats
 

@@ -164,6 +164,15 @@ class LearnerConfig(_Section):
     entropy_coef: float = Field(0.0, description="weight of an entropy bonus (ORZ: 0)")
     max_tokens_per_microbatch: int = Field(
         16384, description="padded tokens per micro-batch (rows sorted by length); gradients accumulate to the batch")
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="compute precision of actor and critic: bfloat16 (FSDP2 mixed precision: bf16 compute, "
+        "fp32 master weights, optimiser states and gradient reduction, also on one process) or float32; auto: "
+        "bfloat16 on CUDA, float32 on CPU")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each decoder layer's activations in the backward pass (actor and critic)")
+    logits_chunk_tokens: int = Field(
+        2048, description="response positions whose logits exist at once (log-probs and entropy from the final "
+        "hidden states, chunked in forward and backward); 0: the full logits of a micro-batch")
     checkpoint_every: int = Field(0, description="write a resumable checkpoint every this many steps (0: final only)")
     keep_checkpoints: int = Field(2, description="step checkpoints kept on disk (oldest removed first)")
     actor_lr: float = Field(1e-6, description="policy learning rate (ORZ 7B: 1e-6)")
@@ -186,6 +195,10 @@ class LearnerConfig(_Section):
     eval_bench: str = Field("", description="in-training evaluation set: empty for the toy task's held-out "
                             "problems, or a benchmark of data/ (math500, gsm8k, …)")
     eval_size: int = Field(64, description="problems of the in-training evaluation set")
+
+    def compute_dtype(self, cuda: bool) -> str:
+        """`dtype` resolved for a learner with (`cuda`) or without a GPU."""
+        return ("bfloat16" if cuda else "float32") if self.dtype == "auto" else self.dtype
 
 
 class WeightSyncConfig(_Section):
@@ -281,7 +294,7 @@ _RANGES: dict[str, tuple[Any, Any]] = {
                                           "max_tokens_per_microbatch", "keep_checkpoints", "policy_steps_per_iter",
                                           "critic_steps_per_iter", "num_processes", "threads", "eval_size")},
     **{f"learner.{k}": (0, None) for k in ("max_staleness", "kl_coef", "entropy_coef", "checkpoint_every",
-                                          "warmup_steps", "weight_decay", "eval_every")},
+                                          "warmup_steps", "weight_decay", "eval_every", "logits_chunk_tokens")},
     **{f"learner.{k}": (("gt", 0), None) for k in ("clip_eps", "value_clip", "actor_lr", "critic_lr", "grad_clip",
                                                   "wait_timeout_s")},
     "learner.gamma": (0, 1), "learner.lam": (0, 1), "learner.is_cap": (1, None), "learner.metrics_port": (0, 65535),

@@ -56,3 +56,31 @@ class HeapTrimmer:
     def maybe(self) -> None:
         if time.monotonic() - self._last >= self.every_s:
             self.trim()
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def rss_mb() -> float:
+    """This process's resident memory now (Linux)."""
+    return _status_mb("VmRSS")
+
+
+def reset_peak_rss() -> None:
+    """Starts a new peak: the kernel's high-water mark of resident memory (VmHWM) is set to the current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_mb() -> float:
+    """The highest resident memory since the process started or `reset_peak_rss()` (Linux).
+
+    Freed tensors count only once glibc has returned them: measure with `MALLOC_MMAP_THRESHOLD_` fixed (say
+    65536), so that every large allocation is its own mapping, given back when freed, and RSS follows what
+    is live. glibc otherwise raises the threshold after the first free and keeps freed tensors in its heap."""
+    return _status_mb("VmHWM")

@@ -4,7 +4,10 @@ Builds the same seeded float64 Qwen2 actor and critic and the same seeded trajec
 the single-process and data-parallel runs start from identical state. The groups carry behaviour log-probs
 that differ from the learner's (as after `max_staleness > 0`), rewards in {0, 1}, and lengths that need
 several micro-batches. Rank 0 writes the updated weights (safetensors) and per-iteration stats (JSON) to
-the directory given as argv[1]; argv[2] is the advantage estimator.
+the directory given as argv[1]; argv[2] is the advantage estimator; argv[3], optional, a comma-separated list
+of learner features to turn on: `checkpointing` (activation checkpointing per decoder layer), `chunked` (log-probs
+from the final hidden states in chunks of 5 positions, learner/logits.py), `bf16` (fp32 master weights, bf16 compute through FSDP2's mixed precision,
+also on one process).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Model
 from learner import parallel
 from learner.batch import build_batch
 from learner.critic import Critic
+from learner.logits import ChunkedHead, install_chunked_head
 from learner.trainer import PPOTrainer
 from services.config import LearnerConfig
 from services.protocol import Sample, TrajectoryGroup
@@ -59,18 +63,32 @@ def make_groups(n_groups: int = 6, n_samples: int = 4) -> list[TrajectoryGroup]:
 def main() -> None:
     out = Path(sys.argv[1])
     advantage = sys.argv[2]
+    features = set(filter(None, (sys.argv[3] if len(sys.argv) > 3 else "").split(",")))
     torch.set_num_threads(1)
-    dp = parallel.init_from_env()
+    bf16 = "bf16" in features
+    dp = parallel.init_from_env(mixed_precision=bf16)
     actor, critic = make_models()
+    if bf16:
+        actor, critic = actor.float(), critic.float()
     if advantage != "gae":
         critic = None
-    if dp.enabled:
-        parallel.shard(actor)
+    if "chunked" in features:
+        install_chunked_head(actor, chunk_tokens=5)
+    if "checkpointing" in features:
+        for body in (actor, critic.backbone if critic is not None else None):
+            if body is not None:
+                body.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    compute_dtypes: set[str] = set()
+    if dp.sharded:
+        parallel.shard(actor, mixed_precision=bf16)
         if critic is not None:
-            parallel.shard(critic)
+            parallel.shard(critic, mixed_precision=bf16)
+        # the dtype the first decoder layer computes in
+        parallel.decoder_layers(actor)[0].register_forward_hook(
+            lambda mod, args, out: compute_dtypes.add(str((out[0] if isinstance(out, tuple) else out).dtype)))
     cfg = LearnerConfig(advantage=advantage, actor_lr=1e-3, critic_lr=1e-3, warmup_steps=1, critic_steps_per_iter=3,
                         is_cap=1.5, max_tokens_per_microbatch=40)
-    trainer = PPOTrainer(cfg, actor, critic, None, dp.group)
+    trainer = PPOTrainer(cfg, actor, critic, None, dp.group if dp.enabled else None)
     groups = make_groups()
     share = parallel.split_groups(groups, dp.world)[dp.rank]
     batch = build_batch([groups[i] for i in share], pad_id=0)
@@ -82,7 +100,15 @@ def main() -> None:
         save_file({k: v.contiguous() for k, v in actor_state.items()}, str(out / "actor.safetensors"))
         if critic_state:
             save_file({k: v.contiguous() for k, v in critic_state.items()}, str(out / "critic.safetensors"))
-        (out / "stats.json").write_text(json.dumps({"world": dp.world, "shares": len(share), "history": history}))
+        active = {"chunked": isinstance(actor.get_output_embeddings(), ChunkedHead),
+                  "checkpointing": bool(actor.is_gradient_checkpointing)}
+        if bf16:
+            active["compute_dtypes"] = sorted(compute_dtypes)
+            active["master_dtypes"] = sorted({str(p.dtype) for p in actor.parameters()})
+            active["adam_state_dtypes"] = sorted({str(v.dtype) for st in trainer.actor_opt.state.values()
+                                                  for v in st.values() if torch.is_tensor(v) and v.dim() > 0})
+        (out / "stats.json").write_text(json.dumps({"world": dp.world, "shares": len(share), "history": history,
+                                                    "active": active}))
     parallel.close(dp)
     parallel.end_process(dp)
 
