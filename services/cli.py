@@ -63,7 +63,10 @@ def up(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt,
        resume: bool = typer.Option(False, help="continue the run from its newest complete checkpoint")) -> None:
     """Run the whole stack locally: Redis, reward server, generators, learner; then evaluate."""
     cfg = _setup(config, set_, "up")
+    from services.plan import warn_if_it_will_not_fit
     from services.stack import up as stack_up
+
+    warn_if_it_will_not_fit(cfg, logging.getLogger("orz.plan"))
 
     raise typer.Exit(stack_up(cfg, evaluate=not skip_eval, resume=resume))
 
@@ -76,6 +79,38 @@ def learner(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt,
                 "restarted pods)")) -> None:
     """Run the learner (feeder + PPO + weight broadcast); under torchrun, one data-parallel rank of it."""
     _entry("learner.main")(_setup(config, set_, "learner", needs_model=True), "auto" if auto_resume else resume)
+
+
+@app.command("config")
+def config_(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt) -> None:
+    """Print the resolved config as YAML: defaults, file, ORZ__ environment and --set merged (exit 2 on bad keys
+    or values, naming every one)."""
+    cfg = _setup(config, set_, "config")
+    typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, width=1 << 20), nl=False)
+
+
+@app.command()
+def plan(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt,
+         gpu: str = typer.Option("h100-80gb", help="h100-80gb, h200-141gb or a100-80gb"),
+         json_: bool = typer.Option(False, "--json", help="print the plan as JSON (keys: README, \"orz plan\")"),
+         model_shape: str | None = typer.Option(
+             None, help="the model's shape when model.base_path is not on this machine: qwen2.5-0.5b … qwen2.5-32b"),
+         response_median: float | None = typer.Option(
+             None, help="median response tokens assumed for the step time (default min(1000, max_tokens / 2))"),
+         prompt_tokens: int = typer.Option(200, help="mean prompt tokens assumed for the step time")) -> None:
+    """Predict per-rank learner memory, generator KV capacity, whether each fits the GPU, and the step time."""
+    cfg = _setup(config, set_, "plan")
+    import json
+
+    from services.plan import plan as make_plan
+    from services.plan import render
+
+    try:
+        result = make_plan(cfg, gpu, model_shape, response_median, prompt_tokens)
+    except ValueError as exc:
+        typer.secho(f"plan error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(result, indent=1) if json_ else render(result))
 
 
 @app.command()

@@ -8,6 +8,7 @@ stop at `</answer>`. `configs/tiny.yaml` scales them to a CPU-sized run.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 from collections.abc import Mapping
@@ -392,10 +393,33 @@ def load_config(
     data = _merge(data, env_overrides(os.environ if environ is None else environ))
     if overrides:
         data = _merge(data, overrides)
+    source = f"{path or 'defaults'} + ORZ__ environment + overrides"
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise _explain(exc, f"{path or 'defaults'} + ORZ__ environment + overrides") from None
+        error = _explain(exc, source)
+        # The range checks run once every key is well-typed: check the rest without the bad keys, so one
+        # message names every problem.
+        bad = [err["loc"] for err in exc.errors() if err["loc"]]
+        if bad:
+            try:
+                Config.model_validate(_without(data, bad))
+            except ValidationError as rest:
+                lines = [line for line in str(_explain(rest, source)).splitlines()[1:] if line not in str(error)]
+                error = ConfigError("\n".join([str(error), *lines]))
+        raise error from None
+
+
+def _without(tree: Mapping[str, Any], locations: list[tuple]) -> dict[str, Any]:
+    """`tree` without the keys at `locations` (pydantic error locations)."""
+    out = copy.deepcopy(dict(tree))
+    for loc in locations:
+        node: Any = out
+        for part in loc[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(loc[-1], None)
+    return out
 
 
 def require_model(cfg: Config) -> None:

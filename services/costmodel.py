@@ -73,9 +73,12 @@ class CostModel:
     load_fixed_s: float = 0.5  # pause, copy into the engine, resume (assumption)
     grade_fixed_s: float = 0.05  # one reward-server round trip (bench/reward.py: p50 13 ms on 2 CPUs)
     grade_per_item_s: float = 0.0005
+    kv_cache_bytes: float | None = None  # per GPU, as vLLM's kv_cache_memory_bytes; None: what memory leaves
 
     @property
     def kv_capacity_tokens(self) -> int:
+        if self.kv_cache_bytes is not None:
+            return int(self.kv_cache_bytes * self.tp / self.model.kv_bytes_per_token)
         free = self.gpu.memory_bytes * self.tp * self.gpu_memory_utilization - self.model.weight_bytes
         return int(free / self.model.kv_bytes_per_token)
 
@@ -98,6 +101,24 @@ class CostModel:
 
     def load_s(self) -> float:
         return self.load_fixed_s + self.model.weight_bytes / (self.tp * self.gpu.hbm_bytes_per_s * self.decode_bw_eff)
+
+    def steady_decode_rate(self, lengths: LengthModel, prompt_len: int, max_running: int | None = None) -> dict:
+        """Tokens/s of one engine kept full, in closed form (what generator/sim_engine.py measures by stepping).
+
+        A full engine runs B sequences: the fewest of `max_num_seqs`, `max_running` (the sequences the generator
+        keeps in it) and what the KV cache holds at the mean context. Finished sequences are replaced at once,
+        so a running sequence is seen at an age uniform over its length, length-biased: the mean context is
+        prompt + E[L²] / (2 E[L]). Every new sequence prefills its prompt once, E[L] tokens later, so
+        rate = B / (t_iteration(B, B × context) + B × t_prefill(prompt) / E[L])."""
+        draws = lengths.sample(np.random.default_rng(0), 200_000).astype(np.float64)
+        mean, second = float(draws.mean()), float((draws**2).mean())
+        context = prompt_len + second / (2 * mean)
+        running = min(self.max_num_seqs, max_running or self.max_num_seqs,
+                      max(1, int(self.kv_capacity_tokens // context)))
+        iteration = self.decode_iteration_s(running, running * context)
+        rate = running / (iteration + running * self.prefill_s(prompt_len) / mean)
+        return {"tokens_per_s": rate, "running": running, "mean_context": context, "iteration_s": iteration,
+                "mean_response_tokens": mean}
 
     def grade_s(self, items: int) -> float:
         return self.grade_fixed_s + self.grade_per_item_s * items

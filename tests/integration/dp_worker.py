@@ -5,9 +5,10 @@ the single-process and data-parallel runs start from identical state. The groups
 that differ from the learner's (as after `max_staleness > 0`), rewards in {0, 1}, and lengths that need
 several micro-batches. Rank 0 writes the updated weights (safetensors) and per-iteration stats (JSON) to
 the directory given as argv[1]; argv[2] is the advantage estimator; argv[3], optional, a comma-separated list
-of learner features to turn on: `checkpointing` (activation checkpointing per decoder layer), `chunked` (log-probs
-from the final hidden states in chunks of 5 positions, learner/logits.py), `bf16` (fp32 master weights, bf16 compute through FSDP2's mixed precision,
-also on one process).
+of learner features to turn on: `checkpointing` (activation checkpointing per decoder layer), `chunked`
+(log-probs from the final hidden states in chunks of 5 positions, learner/logits.py), `bf16` (fp32 master
+weights, bf16 compute through FSDP2's mixed precision, also on one process). The models are made ready by
+learner/models.py, as a learner rank makes them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Model
 from learner import parallel
 from learner.batch import build_batch
 from learner.critic import Critic
-from learner.logits import ChunkedHead, install_chunked_head
+from learner.logits import ChunkedHead
+from learner.models import prepare
 from learner.trainer import PPOTrainer
 from services.config import LearnerConfig
 from services.protocol import Sample, TrajectoryGroup
@@ -72,22 +74,14 @@ def main() -> None:
         actor, critic = actor.float(), critic.float()
     if advantage != "gae":
         critic = None
-    if "chunked" in features:
-        install_chunked_head(actor, chunk_tokens=5)
-    if "checkpointing" in features:
-        for body in (actor, critic.backbone if critic is not None else None):
-            if body is not None:
-                body.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    cfg = LearnerConfig(advantage=advantage, actor_lr=1e-3, critic_lr=1e-3, warmup_steps=1, critic_steps_per_iter=3,
+                        is_cap=1.5, max_tokens_per_microbatch=40, logits_chunk_tokens=5 if "chunked" in features else 0,
+                        activation_checkpointing="checkpointing" in features)
+    prepare(cfg, dp, actor, critic)  # as every learner rank does (learner/models.py)
     compute_dtypes: set[str] = set()
-    if dp.sharded:
-        parallel.shard(actor, mixed_precision=bf16)
-        if critic is not None:
-            parallel.shard(critic, mixed_precision=bf16)
-        # the dtype the first decoder layer computes in
+    if dp.sharded:  # the dtype the first decoder layer computes in
         parallel.decoder_layers(actor)[0].register_forward_hook(
             lambda mod, args, out: compute_dtypes.add(str((out[0] if isinstance(out, tuple) else out).dtype)))
-    cfg = LearnerConfig(advantage=advantage, actor_lr=1e-3, critic_lr=1e-3, warmup_steps=1, critic_steps_per_iter=3,
-                        is_cap=1.5, max_tokens_per_microbatch=40)
     trainer = PPOTrainer(cfg, actor, critic, None, dp.group if dp.enabled else None)
     groups = make_groups()
     share = parallel.split_groups(groups, dp.world)[dp.rank]

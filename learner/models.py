@@ -1,0 +1,28 @@
+"""Actor, critic and reference made ready to train, as every learner rank makes them (learner/main.py), and as
+the benchmarks of learner memory and of GPUs (bench/learner_memory.py, bench/gpu_check.py) make theirs."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from learner import parallel
+from learner.logits import install_chunked_head
+from services.config import LearnerConfig
+
+
+def prepare(lc: LearnerConfig, dp: parallel.DataParallel, actor: nn.Module, critic: nn.Module | None = None,
+            reference: nn.Module | None = None) -> None:
+    """In place: the chunked log-prob head (no [tokens × vocab] logits, learner/logits.py), activation
+    checkpointing per decoder layer, the rank's device, and FSDP2 sharding (bf16 mixed precision when `dp` says)."""
+    for model in (actor, reference):
+        if model is not None and lc.logits_chunk_tokens > 0:
+            install_chunked_head(model, lc.logits_chunk_tokens)
+    if lc.activation_checkpointing:  # recomputed in the backward pass
+        for body in (actor, critic.backbone if critic is not None else None):
+            if body is not None:
+                body.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for model in (actor, critic, reference):
+        if model is not None:
+            model.to(dp.device)  # the rank's GPU when there is one (FSDP2 shards from there)
+            if dp.sharded:
+                parallel.shard(model, mixed_precision=dp.mixed_precision)
