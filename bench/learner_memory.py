@@ -49,6 +49,7 @@ class Row:
     checkpointing: bool = False
     chunk_tokens: int = 2048
     critic_steps: int = 2
+    packing: bool = False
 
 
 ROWS = [
@@ -60,6 +61,7 @@ ROWS = [
     Row("110m-fp32-chunked", "110m", 4, 1024),
     Row("110m-fp32-ckpt-chunked", "110m", 4, 1024, checkpointing=True),
     Row("110m-fp32-ckpt-chunked-8k", "110m", 2, 4096, checkpointing=True),
+    Row("110m-fp32-ckpt-chunked-packed", "110m", 4, 1024, checkpointing=True, packing=True),
     Row("110m-fp32-ckpt-chunked-1k", "110m", 2, 512, checkpointing=True, critic_steps=1),
     Row("110m-bf16-ckpt-chunked-1k", "110m", 2, 512, dtype="bfloat16", checkpointing=True, critic_steps=1),
     # Qwen2.5-0.5B's shape, 2 x 1024 tokens: the setting a CPU can run, beside the ones it cannot
@@ -74,10 +76,11 @@ SMALLEST = "20m-fp32-ckpt-chunked"
 
 def setting(row: Row) -> LearnerSetting:
     lengths = random_ppo.lengths(row.rows, row.width)
-    slots = row.rows * row.width
+    slots = sum(p + r for p, r in lengths) if row.packing else row.rows * row.width
     return LearnerSetting(world=1, dtype=row.dtype, checkpointing=row.checkpointing, chunk_tokens=row.chunk_tokens,
                           microbatch_tokens=slots, width=row.width,
-                          response_fraction=sum(r for _, r in lengths) / slots, padded=row.rows > 1)
+                          response_fraction=sum(r for _, r in lengths) / slots, padded=row.rows > 1 and not row.packing,
+                          packed=row.packing)
 
 
 def measure(row: Row) -> dict:
@@ -99,7 +102,7 @@ def measure(row: Row) -> dict:
     base = rss_mb()
     lc = LearnerConfig(critic_steps_per_iter=row.critic_steps, max_tokens_per_microbatch=row.rows * row.width,
                        logits_chunk_tokens=row.chunk_tokens, dtype=row.dtype,
-                       activation_checkpointing=row.checkpointing, warmup_steps=1)
+                       activation_checkpointing=row.checkpointing, packing=row.packing, warmup_steps=1)
     actor, critic = random_ppo.models(s, row.width)
     prepare(lc, dp, actor, critic)
     trainer = PPOTrainer(lc, actor, critic, None, None)
@@ -161,10 +164,15 @@ def table(doc: dict) -> str:
     for r in doc["rows"]:
         m = r.get("measured")
         logits = f"chunks of {r['chunk_tokens']}" if r["chunk_tokens"] else "full"
+        if r.get("packing"):
+            real = sum(p + q for p, q in random_ppo.lengths(r["rows"], r["width"]))
+            tokens = f"{real:,} (packed: {r['rows']} × ≤ {r['width']})"
+        else:
+            tokens = f"{r['rows'] * r['width']:,} ({r['rows']} × {r['width']})"
         measured = (f"{m['measured_peak_gb']:.2f} GB", f"**{r['ratio']:.2f}**", f"{m['iteration_s']:.0f} s") if m else (
             "not run: " + r.get("why_not_measured", r.get("error", "failed")[:60]), "", "")
-        lines.append(f"| {r['row']} | {r['params'] / 1e6:.0f}M | {r['rows'] * r['width']:,} ({r['rows']} × "
-                     f"{r['width']}) | {r['dtype']} | {'yes' if r['checkpointing'] else 'no'} | {logits} | "
+        ckpt = "yes" if r["checkpointing"] else "no"
+        lines.append(f"| {r['row']} | {r['params'] / 1e6:.0f}M | {tokens} | {r['dtype']} | {ckpt} | {logits} | "
                      f"{r['predicted_peak_gb']:.2f} GB | {measured[0]} | {measured[1]} | {measured[2]} |")
     return "\n".join(lines)
 

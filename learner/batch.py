@@ -5,6 +5,10 @@ Layout: each sample is `prompt_ids + response_ids`, right-padded to the longest 
 live on a response-aligned grid [N, T]: column t is the t-th response token, whose log-prob comes from the
 logits at sequence position `P_i - 1 + t` (`response_index`). `response_mask` is 1 on real response tokens
 (a contiguous prefix of each row), which is the layout learner/gae.py expects.
+
+Packed (`learner.packing`): a micro-batch's sequences back to back in one row without padding, position ids
+restarting at each, so that attention stays within a sequence (transformers builds a block-diagonal mask
+from the position ids; flash-attention runs its varlen kernels on them). The response grid is unchanged.
 """
 
 from __future__ import annotations
@@ -48,6 +52,23 @@ class RolloutBatch:
         )
 
 
+@dataclass
+class Packed:
+    """One micro-batch, padding-free: [1, Σ lengths] tokens and positions; `response_index` [1, N·T] is the
+    response grid's positions in the packed row (reshape outputs back to [N, T])."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    response_index: torch.Tensor
+
+
+def pack(mb: RolloutBatch) -> Packed:
+    real = mb.attention_mask.bool()  # right-padded: each row's tokens are a prefix, so row-major order packs them
+    offsets = torch.cumsum(mb.seq_lens, 0) - mb.seq_lens
+    positions = (mb.attention_mask.cumsum(dim=1) - 1)[real]
+    return Packed(mb.input_ids[real][None], positions[None], (mb.response_index + offsets[:, None]).reshape(1, -1))
+
+
 def build_batch(groups: list[TrajectoryGroup], pad_id: int) -> RolloutBatch:
     rows = [(gi, g.prompt_ids, s) for gi, g in enumerate(groups) for s in g.samples if len(s.response_ids) > 0]
     if not rows:
@@ -83,20 +104,24 @@ def build_batch(groups: list[TrajectoryGroup], pad_id: int) -> RolloutBatch:
                         group_of, truncated)
 
 
-def microbatches(batch: RolloutBatch, max_tokens: int) -> list[torch.Tensor]:
-    """Row indices per micro-batch so that rows × padded width ≤ max_tokens (rows sorted by length)."""
+def microbatches(batch: RolloutBatch, max_tokens: int, packed: bool = False) -> list[torch.Tensor]:
+    """Row indices per micro-batch so that rows × padded width (packed: the sum of the lengths) ≤ max_tokens,
+    rows sorted by length."""
     order = torch.argsort(batch.seq_lens, descending=True)
     out: list[torch.Tensor] = []
     current: list[int] = []
     width = 0
+    total = 0
     for idx in order.tolist():
         length = int(batch.seq_lens[idx])
         new_width = max(width, length)
-        if current and new_width * (len(current) + 1) > max_tokens:
+        cost = total + length if packed else new_width * (len(current) + 1)
+        if current and cost > max_tokens:
             out.append(torch.tensor(current))
-            current, new_width = [], length
+            current, new_width, total = [], length, 0
         current.append(idx)
         width = new_width
+        total += length
     if current:
         out.append(torch.tensor(current))
     return out

@@ -19,17 +19,20 @@ class Critic(nn.Module):
         nn.init.normal_(self.value_head.weight, std=1.0 / (hidden_size + 1))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> Critic:
-        backbone = AutoModel.from_pretrained(str(path), dtype=torch.float32)
+    def from_pretrained(cls, path: str | Path, attn_implementation: str | None = None) -> Critic:
+        backbone = AutoModel.from_pretrained(str(path), dtype=torch.float32, attn_implementation=attn_implementation)
         critic = cls(backbone, backbone.config.hidden_size)
         head = Path(path) / "value_head.safetensors"
         if head.exists():
             critic.value_head.load_state_dict(load_file(str(head)))
         return critic
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Values [B, L]: V at position j is the value of the state after reading tokens ≤ j."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Values [B, L]: V at position j is the value of the state after reading tokens ≤ j (packed sequences:
+        no mask, position ids restarting at each sequence)."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False).last_hidden_state
         return self.value_head(hidden).squeeze(-1).clone()  # not a view: FSDP2 hooks its outputs for backward
 
     def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:

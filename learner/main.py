@@ -136,13 +136,15 @@ class Learner:
             raise FileNotFoundError(f"no base model at {base}: run `orz make-base-model --config ...` first")
         start = self.resume_from or base
         self.tokenizer = AutoTokenizer.from_pretrained(str(base))
-        self.actor = AutoModelForCausalLM.from_pretrained(str(start), dtype=torch.float32)
+        attn = lc.attn_implementation
+        self.actor = AutoModelForCausalLM.from_pretrained(str(start), dtype=torch.float32, attn_implementation=attn)
         self.critic = None
         if lc.advantage == "gae":  # GRPO and RLOO need no critic (learner/advantages.py)
-            self.critic = Critic.from_pretrained(start / "critic" if self.resume_from else base)
+            self.critic = Critic.from_pretrained(start / "critic" if self.resume_from else base, attn)
         self.reference = None
         if lc.kl_coef > 0:
-            self.reference = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
+            self.reference = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32,
+                                                                  attn_implementation=attn).eval()
             self.reference.requires_grad_(False)
         prepare(lc, self.dp, self.actor, self.critic, self.reference)
         self.trainer = PPOTrainer(lc, self.actor, self.critic, self.reference,

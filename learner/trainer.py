@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from learner.advantages import grpo_advantages, rloo_advantages
-from learner.batch import RolloutBatch, microbatches
+from learner.batch import RolloutBatch, microbatches, pack
 from learner.critic import Critic
 from learner.gae import compute_gae, masked_mean
 from learner.logits import ChunkedHead
@@ -39,32 +39,46 @@ from learner.loss import entropy_from_logits, explained_variance, kl_penalty, pp
 from services.config import LearnerConfig
 
 
-def token_logprobs(model: nn.Module, mb: RolloutBatch, with_entropy: bool = False):
+def token_logprobs(model: nn.Module, mb: RolloutBatch, with_entropy: bool = False, packed: bool = False):
     """log π(a_t|s_t) on the response grid [B, T] (and the policy's entropy there, when asked), in fp32 at least.
 
     With a `ChunkedHead` (learner.logits_chunk_tokens > 0) only the response positions get logits, a chunk at
-    a time (learner/logits.py); otherwise the head's full [B, L, vocab] logits are built."""
+    a time (learner/logits.py); otherwise the head's full [B, L, vocab] logits are built. `packed`: the
+    micro-batch runs as one padding-free row (learner/batch.py)."""
+    grid = mb.response_index.shape
+    if packed:
+        p = pack(mb)
+        inputs, index = {"input_ids": p.input_ids, "position_ids": p.position_ids}, p.response_index
+        mask = mb.response_mask.reshape(1, -1)
+    else:
+        inputs = {"input_ids": mb.input_ids, "attention_mask": mb.attention_mask}
+        index, mask = mb.response_index, mb.response_mask
+    ids = inputs["input_ids"]
     head = model.get_output_embeddings()
     if isinstance(head, ChunkedHead):
-        targets = mb.input_ids.gather(1, mb.response_index + 1)  # the response token each position predicts
-        with head.gather(mb.response_index, targets, mb.response_mask, with_entropy) as request:
-            logp = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
-        return (logp, request.entropy) if with_entropy else logp
-    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits[:, :-1]
-    if logits.dtype in (torch.float16, torch.bfloat16):  # log-softmax in fp32 at least (fp64 models stay fp64)
-        logits = logits.float()
-    logp = torch.log_softmax(logits, dim=-1)
-    targets = mb.input_ids[:, 1:]
-    per_pos = torch.gather(logp, 2, targets.unsqueeze(-1)).squeeze(-1)  # [B, L-1]
-    out = torch.gather(per_pos, 1, mb.response_index)
-    if not with_entropy:
-        return out
-    return out, torch.gather(entropy_from_logits(logits), 1, mb.response_index)
+        targets = ids.gather(1, index + 1)  # the response token each position predicts
+        with head.gather(index, targets, mask, with_entropy) as request:
+            logp = model(**inputs, use_cache=False).logits
+        out, entropy = logp, request.entropy
+    else:
+        logits = model(**inputs, use_cache=False).logits[:, :-1]
+        if logits.dtype in (torch.float16, torch.bfloat16):  # log-softmax in fp32 at least (fp64 models stay fp64)
+            logits = logits.float()
+        logp = torch.log_softmax(logits, dim=-1)
+        per_pos = torch.gather(logp, 2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [B, L-1]
+        out = torch.gather(per_pos, 1, index)
+        entropy = torch.gather(entropy_from_logits(logits), 1, index) if with_entropy else None
+    out = out.reshape(grid)
+    return (out, entropy.reshape(grid)) if with_entropy else out
 
 
-def token_values(critic: Critic, mb: RolloutBatch) -> torch.Tensor:
+def token_values(critic: Critic, mb: RolloutBatch, packed: bool = False) -> torch.Tensor:
     """V(s_t) on the response grid: the value at the position that predicts response token t (fp32 at least)."""
-    values = torch.gather(critic(mb.input_ids, mb.attention_mask), 1, mb.response_index)
+    if packed:
+        p = pack(mb)
+        values = critic(p.input_ids, None, p.position_ids).gather(1, p.response_index).reshape(mb.response_index.shape)
+    else:
+        values = torch.gather(critic(mb.input_ids, mb.attention_mask), 1, mb.response_index)
     return values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
 
 
@@ -139,7 +153,7 @@ class PPOTrainer:
 
     def _schedule(self, batch: RolloutBatch) -> list[tuple[torch.Tensor, float]]:
         """(rows, weight) per micro-batch; every rank gets the same count, spare ones have weight 0."""
-        mbs = microbatches(batch, self.cfg.max_tokens_per_microbatch)
+        mbs = microbatches(batch, self.cfg.max_tokens_per_microbatch, self.cfg.packing)
         n = self._max(len(mbs))
         return [(rows, 1.0) for rows in mbs] + [(mbs[-1], 0.0)] * (n - len(mbs))
 
@@ -169,11 +183,11 @@ class PPOTrainer:
                 mb = batch.select(rows)
                 width = mb.response_mask.shape[1]
                 if self.critic is not None:
-                    old_values[rows, :width] = token_values(self.critic, mb) * mb.response_mask
+                    old_values[rows, :width] = token_values(self.critic, mb, cfg.packing) * mb.response_mask
                 if need_prox:
-                    proximal[rows, :width] = token_logprobs(self.actor, mb) * mb.response_mask
+                    proximal[rows, :width] = token_logprobs(self.actor, mb, packed=cfg.packing) * mb.response_mask
                 if self.reference is not None:
-                    reference[rows, :width] = token_logprobs(self.reference, mb) * mb.response_mask
+                    reference[rows, :width] = token_logprobs(self.reference, mb, packed=cfg.packing) * mb.response_mask
         timings["forward_s"] = time.time() - t0
 
         returns = None
@@ -197,7 +211,7 @@ class PPOTrainer:
             for rows, use in schedule:
                 mb = batch.select(rows)
                 width = mb.response_mask.shape[1]
-                out = token_logprobs(self.actor, mb, with_entropy)
+                out = token_logprobs(self.actor, mb, with_entropy, cfg.packing)
                 logprobs, entropy = out if with_entropy else (out, None)
                 prox = proximal[rows, :width] if need_prox else logprobs.detach()
                 loss, st = ppo_policy_loss(logprobs, prox, mb.behavior_logprobs, advantages[rows, :width],
@@ -226,7 +240,7 @@ class PPOTrainer:
                 for rows, use in schedule:
                     mb = batch.select(rows)
                     width = mb.response_mask.shape[1]
-                    values = token_values(self.critic, mb)
+                    values = token_values(self.critic, mb, cfg.packing)
                     loss, st = value_loss(values, old_values[rows, :width], returns[rows, :width],
                                           mb.response_mask, cfg.value_clip)
                     weight = use * float(mb.response_mask.sum()) * scale
@@ -257,9 +271,9 @@ class PPOTrainer:
         stats["microbatches"] = float(len(schedule))
         stats["tokens"] = n_tokens
         # Of the token slots the micro-batches computed (rows × padded width), the share that was padding.
-        real, slots = self._sum([float(batch.seq_lens.sum()),
-                                 float(sum(len(rows) * int(batch.seq_lens[rows].max()) for rows, use in schedule
-                                           if use))])
+        slots = sum(int(batch.seq_lens[rows].sum()) if cfg.packing else len(rows) * int(batch.seq_lens[rows].max())
+                    for rows, use in schedule if use)
+        real, slots = self._sum([float(batch.seq_lens.sum()), float(slots)])
         stats["padded_fraction"] = 1.0 - real / max(slots, 1.0)
         if self.device.type == "cuda":
             stats["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30

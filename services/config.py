@@ -174,6 +174,12 @@ class LearnerConfig(_Section):
     logits_chunk_tokens: int = Field(
         2048, description="response positions whose logits exist at once (log-probs and entropy from the final "
         "hidden states, chunked in forward and backward); 0: the full logits of a micro-batch")
+    packing: bool = Field(
+        False, description="run each micro-batch as one padding-free row, position ids restarting per sequence; pays "
+        "with attn_implementation flash_attention_2 (varlen kernels); sdpa and eager build a [tokens × tokens] mask")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="attention kernels of actor, critic and reference (transformers' attn_implementation; "
+        "flash_attention_2 needs the flash-attn package and a GPU)")
     checkpoint_every: int = Field(0, description="write a resumable checkpoint every this many steps (0: final only)")
     keep_checkpoints: int = Field(2, description="step checkpoints kept on disk (oldest removed first)")
     actor_lr: float = Field(1e-6, description="policy learning rate (ORZ 7B: 1e-6)")

@@ -12,10 +12,11 @@ Per rank, with W FSDP2 ranks, compute width b (2 for bf16, 4 for fp32), P parame
     from the forward to the end of the backward, two decoder layers at a time (the one computing and the one
     prefetched), and one layer's unsharded gradients in width b and again in fp32 for the reduction;
   - saved activations per decoder layer and token: 6·h·b + 2·h·4 (the RMSNorms' fp32 copies) + 2·kv·b
-    (keys and values; 2·q·b when a padding mask makes SDPA repeat them per head) + 4·i·b (the MLP) + 4·(n_h + 2)
+    (keys and values; 2·q·b when a mask makes SDPA repeat them per head) + 4·i·b (the MLP) + 4·(n_h + 2)
     (softmax log-sum-exp, norm statistics); with activation checkpointing only each layer's input, h·b,
     plus one layer's full set while it is recomputed;
-  - the attention mask (a float [rows, 1, width, width] when rows are padded): 4·T·width bytes;
+  - the attention mask (a float [rows, 1, width, width] when rows are padded): 4·T·width bytes; packed rows
+    (learner.packing) get a block-diagonal [T × T] one instead (bool under SDPA), or none under flash-attention;
   - the backward's working set: gradients of the widest activations, T·(3·i + 4·h)·b;
   - the actor's head: with chunking, the response positions' hidden states and per chunk of C tokens a few
     [C × vocab] fp32 tensors, plus the head's fp32 weight gradient; without, the [T × vocab] logits, their
@@ -155,6 +156,8 @@ class LearnerSetting:
     reference: bool = False
     padded: bool = True  # rows of different lengths: a padding mask (and SDPA repeats keys and values per head)
     entropy: bool = False  # learner.entropy_coef > 0: the entropy's softmax is kept per chunk too
+    packed: bool = False  # learner.packing: one padding-free row per micro-batch (microbatch_tokens real tokens)
+    attention: str = "sdpa"  # learner.attn_implementation
 
     @property
     def b(self) -> int:
@@ -165,10 +168,22 @@ class LearnerSetting:
         return self.world > 1 or self.dtype == "bfloat16"
 
 
+def _masked(st: LearnerSetting) -> bool:
+    """Attention runs with a mask: padded rows, or packed rows outside flash-attention's varlen kernels."""
+    return st.padded or (st.packed and st.attention != "flash_attention_2")
+
+
+def _mask_bytes(st: LearnerSetting) -> float:
+    t = float(st.microbatch_tokens)
+    if st.packed:  # a block-diagonal [tokens × tokens] mask: bool for sdpa, the compute dtype for eager
+        return 0.0 if st.attention == "flash_attention_2" else t * t * (st.b if st.attention == "eager" else 1)
+    return 4.0 * t * st.width if st.padded else 0.0  # a float [rows, 1, width, width] mask
+
+
 def _layer_activation_bytes(s: ModelShape, st: LearnerSetting) -> float:
     """Saved activations of one decoder layer, per token."""
     b, h = st.b, s.hidden
-    kv = s.q_dim if st.padded else s.kv_dim
+    kv = s.q_dim if _masked(st) else s.kv_dim
     return 6 * h * b + 2 * h * 4 + 2 * kv * b + 4 * s.intermediate * b + 4 * (s.heads + 2)
 
 
@@ -185,7 +200,7 @@ def learner_memory(s: ModelShape, st: LearnerSetting) -> dict[str, float]:
     # Saved through the backward pass: every layer's activations, or with checkpointing each layer's input.
     saved = s.layers * t * (h * b if st.checkpointing else layer)
     saved += t * h * (4 + 2 * b) + 2 * t * s.d * b  # the final norm and its output; rotary cos/sin
-    mask = 4.0 * t * st.width if st.padded else 0.0
+    mask = _mask_bytes(st)
     # The backward pass goes through the head first, then the layers: their working sets do not coexist.
     layer_work = (t * layer if st.checkpointing else 0.0) + t * (3 * s.intermediate + 4 * h) * b
     resp = t * st.response_fraction

@@ -45,7 +45,8 @@ def learner_setting(cfg: Config, cuda: bool = True) -> LearnerSetting:
         world=lc.num_processes, dtype=lc.compute_dtype(cuda), checkpointing=lc.activation_checkpointing,
         chunk_tokens=lc.logits_chunk_tokens, microbatch_tokens=tokens, width=width,
         response_fraction=min(1.0, cfg.sampling.max_tokens / width), critic=lc.advantage == "gae",
-        reference=lc.kl_coef > 0, padded=tokens > width, entropy=lc.entropy_coef > 0)
+        reference=lc.kl_coef > 0, padded=tokens > width and not lc.packing, entropy=lc.entropy_coef > 0,
+        packed=lc.packing, attention=lc.attn_implementation)
 
 
 def train_flops_per_token(cfg: Config) -> dict[str, float]:

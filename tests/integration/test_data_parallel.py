@@ -30,7 +30,8 @@ KEYS = ["policy_loss", "actor_grad_norm", "advantage_mean", "tokens"]
 CRITIC_KEYS = ["value_loss", "critic_grad_norm", "value_mean"]
 
 
-@pytest.mark.parametrize(("advantage", "features"), [("gae", ""), ("grpo", ""), ("gae", "checkpointing,chunked")])
+@pytest.mark.parametrize(("advantage", "features"), [("gae", ""), ("grpo", ""), ("gae", "checkpointing,chunked"),
+                                                   ("gae", "checkpointing,chunked,packed")])
 def test_two_ranks_match_one_process(tmp_path: Path, advantage: str, features: str) -> None:
     single = _run(tmp_path / "one", advantage, None, features)
     double = _run(tmp_path / "two", advantage, 2, features)
@@ -40,6 +41,8 @@ def test_two_ranks_match_one_process(tmp_path: Path, advantage: str, features: s
         assert {k: run["active"][k] for k in ("chunked", "checkpointing")} == {
             "chunked": "chunked" in on, "checkpointing": "checkpointing" in on}
     assert 0 < double["shares"] < 6  # rank 0 really trained on a part of the groups only
+    for run in (single, double):  # packed micro-batches have no padding; padded ones here do
+        assert all((h["padded_fraction"] == 0) == ("packed" in on) for h in run["history"])
 
     keys = KEYS + (CRITIC_KEYS if advantage == "gae" else [])
     for it, (a, b) in enumerate(zip(single["history"], double["history"], strict=True)):
@@ -80,6 +83,23 @@ def test_checkpointing_and_chunked_logprobs_change_nothing(tmp_path: Path) -> No
         a = load_file(str(tmp_path / "plain" / f"{name}.safetensors"))
         b = load_file(str(tmp_path / "both" / f"{name}.safetensors"))
         assert a.keys() == b.keys()
+        for k in a:
+            assert (a[k] - b[k]).abs().max().item() < 1e-12, k
+
+
+def test_packing_changes_nothing(tmp_path: Path) -> None:
+    """learner.packing (one process, fp64): padding-free micro-batches, split by their real tokens, give the same
+    losses, gradient norms and updated weights as padded ones."""
+    plain = _run(tmp_path / "plain", "gae", None)
+    packed = _run(tmp_path / "packed", "gae", None, "packed")
+    for it, (a, b) in enumerate(zip(plain["history"], packed["history"], strict=True)):
+        assert a["padded_fraction"] > 0.01 and b["padded_fraction"] == 0, it
+        assert b["microbatches"] < a["microbatches"], it  # the same budget holds more real tokens
+        for k in KEYS + CRITIC_KEYS + ["behavior_kl", "is_weight_mean"]:
+            assert b[k] == pytest.approx(a[k], rel=1e-10, abs=1e-13), (it, k)
+    for name in ("actor", "critic"):
+        a = load_file(str(tmp_path / "plain" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "packed" / f"{name}.safetensors"))
         for k in a:
             assert (a[k] - b[k]).abs().max().item() < 1e-12, k
 

@@ -69,6 +69,15 @@ def test_memory_terms_by_hand() -> None:
     # without chunking the whole [tokens x vocab] logits, their fp32 log-softmax and its gradient
     full = learner_memory(s, LearnerSetting(world=4, dtype="bfloat16", chunk_tokens=0, microbatch_tokens=4096))
     assert full["logits"] == 4096 * 1000 * 4 + 4096 * 1000 * (2 + 4)
+    # packed rows: a block-diagonal [T x T] bool mask under SDPA, none under flash-attention (whose keys and
+    # values are not repeated per head either)
+    packed = LearnerSetting(world=4, dtype="bfloat16", microbatch_tokens=4096, width=1024, padded=False, packed=True)
+    assert learner_memory(s, packed)["attention_mask"] == 4096 * 4096
+    flash = LearnerSetting(world=4, dtype="bfloat16", microbatch_tokens=4096, width=1024, padded=False, packed=True,
+                           attention="flash_attention_2")
+    assert learner_memory(s, flash)["attention_mask"] == 0
+    per_token = learner_memory(s, packed)["activations"] - learner_memory(s, flash)["activations"]
+    assert per_token == 2 * 4096 * 2 * (s.q_dim - s.kv_dim) * 2  # layers x tokens x (K, V) x extra width x bf16
 
 
 @pytest.mark.parametrize("recipe", ["orz-7b", "orz-32b"])
