@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from learner.batch import build_batch, microbatches
+from learner.batch import build_batch, microbatches, pack
 from learner.trainer import token_logprobs
 from services.protocol import Sample, TrajectoryGroup
 
@@ -65,3 +65,24 @@ def test_token_logprobs_match_a_per_sequence_forward() -> None:
             logp = torch.log_softmax(model(input_ids=ids).logits[0], -1)
             expected = [logp[len(prompt) - 1 + t, tok].item() for t, tok in enumerate(resp)]
             assert torch.allclose(batched[i, : len(resp)], torch.tensor(expected), atol=1e-5)
+
+
+def test_pack_by_hand() -> None:
+    groups = [_group("a", [5, 6, 7], [[8, 9], [10, 11, 12, 13]], [1.0, 0.0]), _group("b", [4], [[3]], [1.0])]
+    b = build_batch(groups, pad_id=0)
+    p = pack(b)
+    assert p.input_ids.tolist() == [[5, 6, 7, 8, 9, 5, 6, 7, 10, 11, 12, 13, 4, 3]]
+    assert p.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, 0, 1]]
+    # row 2's response starts at packed offset 5 (+2), row 3's at offset 12 (+0); masked columns point anywhere
+    index = p.response_index.reshape(3, 4)
+    assert index[0, :2].tolist() == [2, 3] and index[1].tolist() == [7, 8, 9, 10] and index[2, :1].tolist() == [12]
+    targets = p.input_ids.gather(1, p.response_index + 1).reshape(3, 4)
+    assert targets[0, :2].tolist() == [8, 9] and targets[1].tolist() == [10, 11, 12, 13] and targets[2, 0] == 3
+
+
+def test_packed_microbatches_count_real_tokens() -> None:
+    lengths = [12, 8, 6, 4]
+    b = build_batch([_group(f"g{n}", [1], [[2] * (n - 1)], [0.0]) for n in lengths], pad_id=0)
+    # padded: rows × the longest ≤ 20 → [12], [8, 6] (2 × 8), [4]; packed: 12 + 8, then 6 + 4
+    assert [r.tolist() for r in microbatches(b, 20)] == [[0], [1, 2], [3]]
+    assert [r.tolist() for r in microbatches(b, 20, packed=True)] == [[0, 1], [2, 3]]
