@@ -31,7 +31,7 @@ def ppo_policy_loss(
     mask: Tensor,
     clip_eps: float,
     is_cap: float,
-    is_level: str = "token",
+    is_correction: str = "token",
 ) -> tuple[Tensor, dict[str, float]]:
     """Decoupled PPO (Hilton et al. 2021, "Batch size-invariance for policy optimization"; AReaL's
     decoupled PPO), as ARCHITECTURE.md writes it:
@@ -43,7 +43,10 @@ def ppo_policy_loss(
     The mean is over every valid token of the batch (token-level, as ORZ). With π_prox = μ (no staleness,
     matching numerics) w = 1 and this is ORZ's PPO loss.
 
-    `is_level="sequence"` uses one weight per sample instead, the truncated product of its token ratios
+    `is_correction="none"` drops w (w = 1): exactly ORZ's PPO loss, right when there is no staleness
+    (`max_staleness: 0`), where w differs from 1 only by the generator's and the learner's numerics.
+
+    `is_correction="sequence"` uses one weight per sample instead, the truncated product of its token ratios
     (verl's "Rollout Correction" sequence TIS; SkyRL's sequence correction):
         w_i = min(Π_t π_prox(a_t|s_t) / μ(a_t|s_t), c)       applied to every token of sample i
     It is unbiased for sequence-level objectives but has far higher variance; the token level is the default.
@@ -70,16 +73,19 @@ def ppo_policy_loss(
     ratio = torch.exp(log_ratio)
     behavior_log_ratio = _where_valid(proximal_logprobs - behavior_logprobs, valid)
     behavior_ratio = torch.exp(behavior_log_ratio)
-    if is_level == "token":
+    if is_correction == "none":
+        is_weight = torch.ones_like(behavior_ratio)
+        truncated = torch.zeros_like(behavior_ratio, dtype=torch.bool)
+    elif is_correction == "token":
         is_weight = behavior_ratio.clamp(max=is_cap)
         truncated = behavior_ratio > is_cap
-    elif is_level == "sequence":
+    elif is_correction == "sequence":
         seq_log_ratio = behavior_log_ratio.sum(dim=1, keepdim=True).expand_as(behavior_log_ratio)
         # Clamp in log space: a long sequence's product can overflow exp before the truncation.
         is_weight = _where_valid(torch.exp(seq_log_ratio.clamp(max=math.log(is_cap))), valid)
         truncated = seq_log_ratio > math.log(is_cap)
     else:
-        raise ValueError(f"is_level must be 'token' or 'sequence', got {is_level!r}")
+        raise ValueError(f"is_correction must be 'none', 'token' or 'sequence', got {is_correction!r}")
 
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages

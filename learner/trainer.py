@@ -10,6 +10,8 @@ Order of work (ARCHITECTURE.md, "Data flow", step 5):
    at most `max_tokens_per_microbatch` padded tokens, with the token-level loss of learner/loss.py
    normalised by the batch's total response tokens.
 4. `critic_steps_per_iter` critic optimiser steps (ORZ: 12) with the clipped value loss (GAE only).
+Each learning-rate schedule (linear warm-up over `warmup_steps`, then constant) advances once per step of its
+own optimiser, as ORZ's does: the critic warms up in `warmup_steps` critic steps, not iterations.
 
 With one policy step the actor's first forward *is* the proximal forward (π_θ = π_prox at that moment, same
 weights and inputs, no dropout), so its detached log-probs serve as π_prox and a full forward pass is saved.
@@ -204,6 +206,7 @@ class PPOTrainer:
 
         t1 = time.time()
         stats: dict[str, float] = defaultdict(float)
+        lrs: dict[str, float] = {}  # the learning rate of each model's last optimiser step (the same on every rank)
         with_entropy = cfg.entropy_coef > 0
         self.actor.train()
         for _ in range(cfg.policy_steps_per_iter):
@@ -215,7 +218,7 @@ class PPOTrainer:
                 logprobs, entropy = out if with_entropy else (out, None)
                 prox = proximal[rows, :width] if need_prox else logprobs.detach()
                 loss, st = ppo_policy_loss(logprobs, prox, mb.behavior_logprobs, advantages[rows, :width],
-                                           mb.response_mask, cfg.clip_eps, cfg.is_cap, cfg.is_level)
+                                           mb.response_mask, cfg.clip_eps, cfg.is_cap, cfg.is_correction)
                 if self.reference is not None:
                     kl = kl_penalty(logprobs, reference[rows, :width], mb.response_mask)
                     loss = loss + cfg.kl_coef * kl
@@ -230,8 +233,9 @@ class PPOTrainer:
                     stats[k] += v * weight / self.world / cfg.policy_steps_per_iter
             grad_norm = torch.nn.utils.clip_grad_norm_(self.actor.parameters(), cfg.grad_clip)
             stats["actor_grad_norm"] += _scalar(grad_norm) / cfg.policy_steps_per_iter / self.world
+            lrs["actor_lr"] = self.actor_opt.param_groups[0]["lr"]  # the last step's
             self.actor_opt.step()
-        self.actor_sched.step()
+            self.actor_sched.step()  # per optimiser step, as ORZ's warm-up counts
 
         if self.critic is not None:
             self.critic.train()
@@ -249,8 +253,9 @@ class PPOTrainer:
                         stats[k] += v * weight / self.world / cfg.critic_steps_per_iter
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.grad_clip)
                 stats["critic_grad_norm"] += _scalar(grad_norm) / cfg.critic_steps_per_iter / self.world
+                lrs["critic_lr"] = self.critic_opt.param_groups[0]["lr"]
                 self.critic_opt.step()
-            self.critic_sched.step()
+                self.critic_sched.step()
         timings["backward_s"] = time.time() - t1
 
         # Token-weighted per-rank sums → global means (each rank added weight-scaled values above).
@@ -266,8 +271,7 @@ class PPOTrainer:
             # Explained variance of this rank's shard (the mean over ranks when data parallel).
             (ev,) = self._sum([float(explained_variance(old_values, returns, mask))])
             stats["explained_variance"] = ev / self.world
-            stats["critic_lr"] = self.critic_sched.get_last_lr()[0]
-        stats["actor_lr"] = self.actor_sched.get_last_lr()[0]
+        stats.update(lrs)
         stats["microbatches"] = float(len(schedule))
         stats["tokens"] = n_tokens
         # Of the token slots the micro-batches computed (rows × padded width), the share that was padding.

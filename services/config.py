@@ -158,8 +158,9 @@ class LearnerConfig(_Section):
     clip_eps: float = Field(0.2, description="PPO ratio clip ε")
     value_clip: float = Field(0.2, description="value clip ε_v")
     is_cap: float = Field(2.0, description="truncation c of the importance weight π_prox/μ")
-    is_level: Literal["token", "sequence"] = Field(
-        "token", description="importance weight per token, or one per sample (product of its token ratios)")
+    is_correction: Literal["none", "token", "sequence"] = Field(
+        "token", description="importance weight min(π_prox/μ, is_cap) per token, one per sample (product of its token "
+        "ratios), or none: ORZ's PPO loss exactly (right at max_staleness 0)")
     kl_coef: float = Field(
         0.0, description="weight of a k3 KL(π_θ‖π_base) loss term (ORZ: 0; > 0 loads a reference model)")
     entropy_coef: float = Field(0.0, description="weight of an entropy bonus (ORZ: 0)")

@@ -49,7 +49,7 @@ def test_sequence_level_weights() -> None:
     # e^1.2 = 3.32 > 2, so w = 2 on all three of its tokens.
     rows = [[(0.05, 0.3, 1.0), (-0.3, -0.1, -2.0)], [(0.1, 0.5, 0.5), (0.3, 0.4, 1.5), (-0.1, 0.3, -1.0)]]
     logp, prox, beh, adv, mask = _tensors(rows, 4)
-    loss, stats = ppo_policy_loss(logp, prox, beh, adv, mask, 0.2, 2.0, is_level="sequence")
+    loss, stats = ppo_policy_loss(logp, prox, beh, adv, mask, 0.2, 2.0, is_correction="sequence")
     exp_loss, exp_w, exp_trunc = brute_sequence_loss(rows, 0.2, 2.0)
     assert loss.item() == pytest.approx(exp_loss, rel=1e-12)
     assert stats["is_weight_mean"] == pytest.approx(exp_w, rel=1e-12)
@@ -75,7 +75,7 @@ def test_sequence_level_long_row_does_not_overflow() -> None:
     rows = [[(0.0, 1.0, 1.0)] * 200]
     logp, prox, beh, adv, mask = (x.float() if x.dtype == F64 else x for x in _tensors(rows, 200))
     loss, stats = ppo_policy_loss(logp.detach().requires_grad_(True), prox, beh, adv, mask, 0.2, 2.0,
-                                  is_level="sequence")
+                                  is_correction="sequence")
     assert math.isfinite(loss.item())
     assert loss.item() == pytest.approx(-2.0)  # w = 2, r = 1, A = 1 on every token
     assert stats["is_weight_mean"] == pytest.approx(2.0) and stats["is_truncated_frac"] == 1.0
@@ -83,15 +83,15 @@ def test_sequence_level_long_row_does_not_overflow() -> None:
 
 def test_token_and_sequence_agree_on_one_token_rows() -> None:
     rows = [[(0.1, 0.4, 1.0)], [(-0.2, 0.9, -1.0)], [(0.0, -0.5, 2.0)]]
-    a = ppo_policy_loss(*_tensors(rows, 1), 0.2, 2.0, is_level="token")
-    b = ppo_policy_loss(*_tensors(rows, 1), 0.2, 2.0, is_level="sequence")
+    a = ppo_policy_loss(*_tensors(rows, 1), 0.2, 2.0, is_correction="token")
+    b = ppo_policy_loss(*_tensors(rows, 1), 0.2, 2.0, is_correction="sequence")
     assert a[0].item() == pytest.approx(b[0].item(), rel=1e-12)
     assert a[1]["is_truncated_frac"] == b[1]["is_truncated_frac"] == pytest.approx(1 / 3)
 
 
-def test_unknown_is_level_is_rejected() -> None:
-    with pytest.raises(ValueError, match="is_level"):
-        ppo_policy_loss(*_tensors([[(0.0, 0.0, 1.0)]], 1), 0.2, 2.0, is_level="tokens")
+def test_unknown_is_correction_is_rejected() -> None:
+    with pytest.raises(ValueError, match="is_correction"):
+        ppo_policy_loss(*_tensors([[(0.0, 0.0, 1.0)]], 1), 0.2, 2.0, is_correction="tokens")
 
 
 def test_kl_penalty_k3() -> None:
@@ -117,3 +117,31 @@ def test_entropy_from_logits() -> None:
     assert entropy_from_logits(logits)[0].item() == pytest.approx(-sum(q * math.log(q) for q in p), rel=1e-6)
     peaked = torch.tensor([[0.0, 0.0, 200.0]])
     assert entropy_from_logits(peaked)[0].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_no_correction_is_orz_ppo_loss_by_hand() -> None:
+    """is_correction none: w = 1 whatever μ is. Worked by hand, ε = 0.2:
+    token 1: log r = 0.1 → r = 1.10517 inside the clip range, A = 1: min = 1.10517;
+    token 2: log r = 0.3 → r = 1.34986 > 1.2, A = 2: min(2.69972, 2.4) = 2.4;
+    token 3: log r = −0.4 → r = 0.67032 < 0.8, A = −1: min(−0.67032, −0.8) = −0.8;
+    L = −(1.10517 + 2.4 − 0.8) / 3."""
+    rows = [[(0.1, 0.5, 1.0), (0.3, -0.2, 2.0)], [(-0.4, 0.1, -1.0)]]
+    loss, stats = ppo_policy_loss(*_tensors(rows, 2), 0.2, 2.0, is_correction="none")
+    assert loss.item() == pytest.approx(-(math.exp(0.1) + 2.4 - 0.8) / 3, rel=1e-12)
+    assert stats["is_weight_mean"] == 1.0 and stats["is_truncated_frac"] == 0.0
+    assert stats["behavior_kl"] > 0  # μ ≠ π_prox is still measured, only not corrected for
+    token, _ = ppo_policy_loss(*_tensors(rows, 2), 0.2, 2.0, is_correction="token")
+    assert token.item() != pytest.approx(loss.item())
+
+
+def test_no_correction_at_staleness_zero_is_orz_loss_exactly() -> None:
+    """ORZ's single policy step at staleness 0: π_θ = π_prox at the forward, so r = 1 and L = −mean(A), with
+    gradient −A_t / n on each token's log-prob, whatever the generator's numerics made μ."""
+    rows = [[(0.0, 0.013, 1.5), (0.0, -0.02, -0.5)], [(0.0, 0.004, 2.0)]]
+    logp, prox, beh, adv, mask = _tensors(rows, 2)
+    loss, _ = ppo_policy_loss(logp, logp.detach(), beh, adv, mask, 0.2, 2.0, is_correction="none")
+    assert loss.item() == pytest.approx(-(1.5 - 0.5 + 2.0) / 3, rel=1e-14)
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert grad[mask.bool()].tolist() == pytest.approx([-1.5 / 3, 0.5 / 3, -2.0 / 3], rel=1e-14)
+    corrected, _ = ppo_policy_loss(logp, logp.detach(), beh, adv, mask, 0.2, 2.0, is_correction="token")
+    assert abs(corrected.item() - loss.item()) > 1e-4  # the weights differ from 1 by μ's numerics

@@ -31,7 +31,7 @@ def _moved(a: torch.nn.Module, b: torch.nn.Module) -> float:
 
 @pytest.mark.parametrize("overrides", [
     {"advantage": "gae"}, {"advantage": "grpo"}, {"advantage": "rloo"},
-    {"advantage": "grpo", "grpo_scale_by_std": False}, {"is_level": "sequence"},
+    {"advantage": "grpo", "grpo_scale_by_std": False}, {"is_correction": "sequence"},
     {"kl_coef": 0.1}, {"entropy_coef": 0.01}, {"policy_steps_per_iter": 2},
 ])
 def test_configurations_train(overrides: dict) -> None:
@@ -81,3 +81,22 @@ def test_gae_needs_a_critic_and_kl_a_reference() -> None:
         PPOTrainer(LearnerConfig(advantage="gae"), actor, None)
     with pytest.raises(ValueError, match="reference"):
         PPOTrainer(LearnerConfig(advantage="grpo", kl_coef=0.1), actor, None)
+
+
+def test_learning_rates_advance_per_optimiser_step() -> None:
+    """ORZ's warm-up counts optimiser steps: with warmup_steps 5, 4 critic steps and 2 policy steps per
+    iteration, the k-th step of each optimiser (from 0) uses lr × min(1, (k + 1) / 5), worked by hand below."""
+    actor, critic = make_models()
+    cfg = LearnerConfig(actor_lr=1e-3, critic_lr=2e-3, warmup_steps=5, critic_steps_per_iter=4,
+                        policy_steps_per_iter=2, max_tokens_per_microbatch=60)
+    trainer = PPOTrainer(cfg, actor, critic, None)
+    seen: dict[str, list[float]] = {"actor": [], "critic": []}
+    for name, opt in (("actor", trainer.actor_opt), ("critic", trainer.critic_opt)):
+        opt.register_step_pre_hook(lambda o, args, kwargs, name=name: seen[name].append(o.param_groups[0]["lr"]))
+    batch = build_batch(make_groups(), pad_id=0)
+    reported = [trainer.step(batch) for _ in range(3)]
+    assert seen["critic"] == pytest.approx([2e-3 * f for f in (0.2, 0.4, 0.6, 0.8, 1, 1, 1, 1, 1, 1, 1, 1)])
+    assert seen["actor"] == pytest.approx([1e-3 * f for f in (0.2, 0.4, 0.6, 0.8, 1, 1)])
+    # each iteration reports the rate of its last step
+    assert [s["critic_lr"] for s in reported] == pytest.approx([1.6e-3, 2e-3, 2e-3])
+    assert [s["actor_lr"] for s in reported] == pytest.approx([0.4e-3, 0.8e-3, 1e-3])
