@@ -94,7 +94,8 @@ def main() -> None:
 
     lc = LearnerConfig(actor_lr=1e-5, critic_lr=1e-5, warmup_steps=1, critic_steps_per_iter=args.critic_steps,
                        policy_steps_per_iter=args.policy_steps,
-                       max_tokens_per_microbatch=args.max_tokens_per_microbatch)
+                       max_tokens_per_microbatch=args.max_tokens_per_microbatch,
+                       step_over="batch")  # every step over the whole batch, as the bare baseline passes
     batch = build_batch(make_groups(args), pad_id=0)
     tokens = int(batch.attention_mask.sum())
     actor, critic, _ = make_models(args)

@@ -102,7 +102,8 @@ def measure(row: Row) -> dict:
     base = rss_mb()
     lc = LearnerConfig(critic_steps_per_iter=row.critic_steps, max_tokens_per_microbatch=row.rows * row.width,
                        logits_chunk_tokens=row.chunk_tokens, dtype=row.dtype,
-                       activation_checkpointing=row.checkpointing, packing=row.packing, warmup_steps=1)
+                       activation_checkpointing=row.checkpointing, packing=row.packing, warmup_steps=1,
+                       step_over="batch")  # each critic step over the whole micro-batch: the model's worst case
     actor, critic = random_ppo.models(s, row.width)
     prepare(lc, dp, actor, critic)
     trainer = PPOTrainer(lc, actor, critic, None, None)

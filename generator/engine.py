@@ -53,6 +53,8 @@ class VllmEngine:
         self.llm = LLM(
             model=str(model_path), dtype=dtype, max_model_len=max_model_len, enforce_eager=True,
             kv_cache_memory_bytes=kv_cache_mb * 2**20, seed=seed, enable_prefix_caching=True,
+            # log-probs of the distribution sampled (after temperature), which the learner recomputes
+            logprobs_mode="processed_logprobs",
             tensor_parallel_size=tensor_parallel_size,
         )
         log.info("vLLM engine up in %.1f s (%s)", time.time() - t0, model_path)

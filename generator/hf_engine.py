@@ -8,7 +8,8 @@ path for training; this one is slower (bench/generator_backends.py) and simpler:
   `max_num_seqs` samples per batch. Finished samples leave the batch (their KV rows are dropped).
 - Prompts are left-padded; the KV cache is transformers' `DynamicCache`; on the GPU when there is one.
 - Sampling: temperature and top-p per request, greedy at temperature 0, from a seeded generator. The
-  log-prob recorded is the sampled token's under the raw logits (before temperature), as vLLM reports it.
+  log-prob recorded is the sampled token's under the distribution it was sampled from (after temperature
+  and top-p), as vLLM reports it with `logprobs_mode="processed_logprobs"`.
 - A sample ends on EOS (kept in `token_ids`, as vLLM does), on a stop string (kept in the text, the text
   cut right after it), at `max_tokens`, or at `max_model_len`.
 - New weights are copied into the resident parameters between steps (`load_weights`); samples in flight
@@ -211,7 +212,6 @@ class TransformersEngine:
         self.mask, self.next_pos, self.logits = self.mask[index], self.next_pos[index], self.logits[index]
 
     def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raw = torch.log_softmax(logits, dim=-1)
         like = {"dtype": logits.dtype, "device": logits.device}
         temps = torch.tensor([r.request.params.temperature for r in self.rows], **like)
         top_ps = torch.tensor([r.request.params.top_p for r in self.rows], **like)
@@ -222,8 +222,10 @@ class TransformersEngine:
         sorted_p = sorted_p.masked_fill(outside, 0.0)
         picked = torch.multinomial(sorted_p, 1, generator=self.generator).squeeze(1)
         tokens = order.gather(1, picked[:, None]).squeeze(1)
-        tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
-        return tokens, raw.gather(1, tokens[:, None]).squeeze(1)
+        # the sampled token's log-prob in the nucleus, renormalised: the distribution it was drawn from
+        sampled = torch.log(sorted_p.gather(1, picked[:, None]).squeeze(1) / sorted_p.sum(dim=-1))
+        greedy_lp = torch.log_softmax(logits, dim=-1).gather(1, logits.argmax(dim=-1, keepdim=True)).squeeze(1)
+        return torch.where(greedy, logits.argmax(dim=-1), tokens), torch.where(greedy, greedy_lp, sampled)
 
     def _finish(self, row: _Row) -> tuple[str | None, str]:
         """(finish reason or None, the text so far if finished)."""

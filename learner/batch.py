@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from learner.minibatch import sample_key
 from services.protocol import TrajectoryGroup
 
 
@@ -31,6 +32,7 @@ class RolloutBatch:
     seq_lens: torch.Tensor  # long [N]
     group_of: torch.Tensor  # long [N], index of the sample's group
     truncated: torch.Tensor  # bool [N]
+    sample_keys: torch.Tensor  # long [N], each sample's identity (learner/minibatch.py)
 
     @property
     def size(self) -> int:
@@ -48,7 +50,7 @@ class RolloutBatch:
             self.input_ids[rows, :width], self.attention_mask[rows, :width],
             self.response_index[rows, :resp], self.response_mask[rows, :resp],
             self.behavior_logprobs[rows, :resp], self.rewards[rows, :resp], self.seq_lens[rows],
-            self.group_of[rows], self.truncated[rows],
+            self.group_of[rows], self.truncated[rows], self.sample_keys[rows],
         )
 
 
@@ -70,12 +72,13 @@ def pack(mb: RolloutBatch) -> Packed:
 
 
 def build_batch(groups: list[TrajectoryGroup], pad_id: int) -> RolloutBatch:
-    rows = [(gi, g.prompt_ids, s) for gi, g in enumerate(groups) for s in g.samples if len(s.response_ids) > 0]
+    rows = [(gi, g.prompt_ids, s, sample_key(g.task_id, si)) for gi, g in enumerate(groups)
+            for si, s in enumerate(g.samples) if len(s.response_ids) > 0]
     if not rows:
         raise ValueError("batch has no non-empty responses")
     n = len(rows)
-    width = max(len(p) + len(s.response_ids) for _, p, s in rows)
-    t_max = max(len(s.response_ids) for _, _, s in rows)
+    width = max(len(p) + len(s.response_ids) for _, p, s, _ in rows)
+    t_max = max(len(s.response_ids) for _, _, s, _ in rows)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((n, width), dtype=torch.long)
     response_index = torch.zeros((n, t_max), dtype=torch.long)
@@ -85,7 +88,8 @@ def build_batch(groups: list[TrajectoryGroup], pad_id: int) -> RolloutBatch:
     seq_lens = torch.zeros(n, dtype=torch.long)
     group_of = torch.zeros(n, dtype=torch.long)
     truncated = torch.zeros(n, dtype=torch.bool)
-    for i, (gi, prompt, s) in enumerate(rows):
+    keys = torch.tensor([k for *_, k in rows], dtype=torch.long)
+    for i, (gi, prompt, s, _) in enumerate(rows):
         p, t = len(prompt), len(s.response_ids)
         if p < 1:
             raise ValueError("a prompt needs at least one token")
@@ -101,12 +105,15 @@ def build_batch(groups: list[TrajectoryGroup], pad_id: int) -> RolloutBatch:
         group_of[i] = gi
         truncated[i] = s.finish_reason == "length"
     return RolloutBatch(input_ids, attention_mask, response_index, response_mask, behavior, rewards, seq_lens,
-                        group_of, truncated)
+                        group_of, truncated, keys)
 
 
-def microbatches(batch: RolloutBatch, max_tokens: int, packed: bool = False) -> list[torch.Tensor]:
+def microbatches(batch: RolloutBatch, max_tokens: int, packed: bool = False,
+                 rows: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Row indices per micro-batch so that rows × padded width (packed: the sum of the lengths) ≤ max_tokens,
-    rows sorted by length."""
+    rows sorted by length; of the rows `rows` only, when given."""
+    if rows is not None:
+        return [rows[part] for part in microbatches(batch.select(rows), max_tokens, packed)]
     order = torch.argsort(batch.seq_lens, descending=True)
     out: list[torch.Tensor] = []
     current: list[int] = []

@@ -111,6 +111,7 @@ class _Request:
     targets: Tensor  # long [B, T]: the response token ids
     mask: Tensor  # [B, T], 1 on real response tokens
     with_entropy: bool
+    temperature: float = 1.0  # log-probs of softmax(logits / T): the distribution the generator sampled
     entropy: Tensor | None = None
 
 
@@ -125,8 +126,9 @@ class ChunkedHead(nn.Module):
         self._request: _Request | None = None
 
     @contextlib.contextmanager
-    def gather(self, positions: Tensor, targets: Tensor, mask: Tensor, with_entropy: bool) -> Iterator[_Request]:
-        self._request = _Request(positions, targets, mask, with_entropy)
+    def gather(self, positions: Tensor, targets: Tensor, mask: Tensor, with_entropy: bool,
+               temperature: float = 1.0) -> Iterator[_Request]:
+        self._request = _Request(positions, targets, mask, with_entropy, temperature)
         try:
             yield self._request
         finally:
@@ -138,6 +140,7 @@ class ChunkedHead(nn.Module):
             return nn.functional.linear(hidden_states, self.weight)
         h = hidden_states.gather(1, req.positions.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1]))
         valid = req.mask.bool()
+        h = h if req.temperature == 1.0 else h / req.temperature  # (h / T) Wᵀ = logits / T
         logp_valid, ent_valid = chunked_token_logprobs(h[valid], self.weight, req.targets[valid], self.chunk_tokens,
                                                        req.with_entropy)
         out = torch.zeros(valid.shape, dtype=logp_valid.dtype, device=h.device)

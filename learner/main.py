@@ -37,7 +37,7 @@ from learner import parallel
 from learner.batch import build_batch
 from learner.critic import Critic
 from learner.feeder import Feeder
-from learner.models import prepare
+from learner.models import critic_source, prepare
 from learner.plot import plot_curves
 from learner.trainer import PPOTrainer
 from learner.weight_group import WeightGroup
@@ -140,7 +140,7 @@ class Learner:
         self.actor = AutoModelForCausalLM.from_pretrained(str(start), dtype=torch.float32, attn_implementation=attn)
         self.critic = None
         if lc.advantage == "gae":  # GRPO and RLOO need no critic (learner/advantages.py)
-            self.critic = Critic.from_pretrained(start / "critic" if self.resume_from else base, attn)
+            self.critic = Critic.from_pretrained(critic_source(base, self.resume_from), attn)
         self.reference = None
         if lc.kl_coef > 0:
             self.reference = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32,
@@ -148,7 +148,7 @@ class Learner:
             self.reference.requires_grad_(False)
         prepare(lc, self.dp, self.actor, self.critic, self.reference)
         self.trainer = PPOTrainer(lc, self.actor, self.critic, self.reference,
-                                  self.dp.group if self.dp.enabled else None)
+                                  self.dp.group if self.dp.enabled else None, cfg.sampling.temperature)
         if self.resume_from is not None:
             self._load_trainer_state()
 

@@ -3,6 +3,8 @@ the benchmarks of learner memory and of GPUs (bench/learner_memory.py, bench/gpu
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
 
 from learner import parallel
@@ -26,3 +28,12 @@ def prepare(lc: LearnerConfig, dp: parallel.DataParallel, actor: nn.Module, crit
             model.to(dp.device)  # the rank's GPU when there is one (FSDP2 shards from there)
             if dp.sharded:
                 parallel.shard(model, mixed_precision=dp.mixed_precision)
+
+
+def critic_source(base: Path, resume_from: Path | None = None) -> Path:
+    """Where the critic comes from: the checkpoint being resumed; else the base model's `critic/` when the base
+    model is itself a checkpoint of an earlier run (ORZ-32B's annealing stage starts from the main run's);
+    else the base model, whose transformer gets a fresh value head."""
+    if resume_from is not None:
+        return resume_from / "critic"
+    return base / "critic" if (base / "critic" / "config.json").is_file() else base

@@ -38,11 +38,14 @@ from learner.critic import Critic
 from learner.gae import compute_gae, masked_mean
 from learner.logits import ChunkedHead
 from learner.loss import entropy_from_logits, explained_variance, kl_penalty, ppo_policy_loss, value_loss
+from learner.minibatch import assign
 from services.config import LearnerConfig
 
 
-def token_logprobs(model: nn.Module, mb: RolloutBatch, with_entropy: bool = False, packed: bool = False):
-    """log π(a_t|s_t) on the response grid [B, T] (and the policy's entropy there, when asked), in fp32 at least.
+def token_logprobs(model: nn.Module, mb: RolloutBatch, with_entropy: bool = False, packed: bool = False,
+                   temperature: float = 1.0):
+    """log π(a_t|s_t) on the response grid [B, T] (and the policy's entropy there, when asked), in fp32 at least,
+    of the distribution the generator sampled from: softmax(logits / `temperature`).
 
     With a `ChunkedHead` (learner.logits_chunk_tokens > 0) only the response positions get logits, a chunk at
     a time (learner/logits.py); otherwise the head's full [B, L, vocab] logits are built. `packed`: the
@@ -59,13 +62,15 @@ def token_logprobs(model: nn.Module, mb: RolloutBatch, with_entropy: bool = Fals
     head = model.get_output_embeddings()
     if isinstance(head, ChunkedHead):
         targets = ids.gather(1, index + 1)  # the response token each position predicts
-        with head.gather(index, targets, mask, with_entropy) as request:
+        with head.gather(index, targets, mask, with_entropy, temperature) as request:
             logp = model(**inputs, use_cache=False).logits
         out, entropy = logp, request.entropy
     else:
         logits = model(**inputs, use_cache=False).logits[:, :-1]
         if logits.dtype in (torch.float16, torch.bfloat16):  # log-softmax in fp32 at least (fp64 models stay fp64)
             logits = logits.float()
+        if temperature != 1.0:
+            logits = logits / temperature
         logp = torch.log_softmax(logits, dim=-1)
         per_pos = torch.gather(logp, 2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [B, L-1]
         out = torch.gather(per_pos, 1, index)
@@ -84,8 +89,18 @@ def token_values(critic: Critic, mb: RolloutBatch, packed: bool = False) -> torc
     return values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
 
 
-def _warmup_constant(warmup_steps: int):
-    return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
+def lr_factor(warmup_steps: int, decay_iterations: int = 0, final_fraction: float = 1.0, steps_per_iter: int = 1):
+    """The learning-rate multiplier at optimiser step k (from 0): linear warm-up over `warmup_steps` optimiser
+    steps (ORZ: 50, then constant); then, with `decay_iterations`, a linear decay to `final_fraction` over that
+    many iterations of `steps_per_iter` optimiser steps each (ORZ-32B's annealing stage: 1e-6 to 3e-7 in 100)."""
+    def factor(k: int) -> float:
+        if k < warmup_steps:
+            return (k + 1) / warmup_steps
+        if decay_iterations <= 0:
+            return 1.0
+        done = min(1.0, (k - warmup_steps) / (steps_per_iter * decay_iterations))
+        return 1.0 - (1.0 - final_fraction) * done
+    return factor
 
 
 def _scalar(x) -> float:
@@ -103,7 +118,13 @@ class PPOTrainer:
     """
 
     def __init__(self, cfg: LearnerConfig, actor: nn.Module, critic: Critic | None,
-                 reference: nn.Module | None = None, group: dist.ProcessGroup | None = None) -> None:
+                 reference: nn.Module | None = None, group: dist.ProcessGroup | None = None,
+                 temperature: float = 1.0) -> None:
+        """`temperature`: the generators' sampling temperature (sampling.temperature); the log-probs of π_θ,
+        π_prox and π_ref are those of softmax(logits / temperature), as vLLM's μ is."""
+        if temperature <= 0:
+            raise ValueError(f"sampling temperature must be > 0 for training, got {temperature}")
+        self.temperature = float(temperature)
         if cfg.advantage == "gae" and critic is None:
             raise ValueError("advantage 'gae' needs a critic")
         if cfg.kl_coef > 0 and reference is None:
@@ -117,14 +138,19 @@ class PPOTrainer:
         self.device = next(actor.parameters()).device
         self.actor_opt = torch.optim.AdamW(actor.parameters(), lr=cfg.actor_lr, betas=cfg.betas,
                                            weight_decay=cfg.weight_decay)
-        # ORZ: linear warm-up, then constant.
-        self.actor_sched = torch.optim.lr_scheduler.LambdaLR(self.actor_opt, _warmup_constant(cfg.warmup_steps))
+        # ORZ: linear warm-up, then constant (or a linear decay: learner.lr_decay_iterations)
+        decay = (cfg.lr_decay_iterations, cfg.lr_final_fraction)
+        self.actor_sched = torch.optim.lr_scheduler.LambdaLR(
+            self.actor_opt, lr_factor(cfg.warmup_steps, *decay, cfg.policy_steps_per_iter))
         self.critic_opt = self.critic_sched = None
         if critic is not None:
             self.critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, betas=cfg.betas,
                                                 weight_decay=cfg.weight_decay)
-            self.critic_sched = torch.optim.lr_scheduler.LambdaLR(self.critic_opt,
-                                                                  _warmup_constant(cfg.warmup_steps))
+            self.critic_sched = torch.optim.lr_scheduler.LambdaLR(
+                self.critic_opt, lr_factor(cfg.warmup_steps, *decay, cfg.critic_steps_per_iter))
+
+    def _logprobs(self, model: nn.Module, mb: RolloutBatch) -> torch.Tensor:
+        return token_logprobs(model, mb, packed=self.cfg.packing, temperature=self.temperature)
 
     # -- cross-rank reductions (identity on one process) --------------------------------------------------
     def _sum(self, values: list[float]) -> list[float]:
@@ -159,6 +185,27 @@ class PPOTrainer:
         n = self._max(len(mbs))
         return [(rows, 1.0) for rows in mbs] + [(mbs[-1], 0.0)] * (n - len(mbs))
 
+    def _steps(self, batch: RolloutBatch, n: int, whole: list[tuple[torch.Tensor, float]],
+               n_tokens: float) -> list[tuple[list[tuple[torch.Tensor, float]], float]]:
+        """The `n` optimiser steps of one model: each one's micro-batches and the global response tokens it
+        covers. ORZ's: the batch's samples shuffled and dealt into `n` mini-batches balanced by tokens, the same
+        on 1 rank and on K (learner/minibatch.py), at most one pass; `step_over: batch`: every step over the
+        whole batch (an epoch each)."""
+        if self.cfg.step_over == "batch" or n == 1:
+            return [(whole, n_tokens)] * n
+        seed = self.cfg.seed * 7919 + self.actor_sched.last_epoch  # a fresh shuffle every iteration, resumable
+        which, count = assign(batch.sample_keys, batch.seq_lens, n, seed, self.group)
+        which = which.to(batch.seq_lens.device)
+        out = []
+        for m in range(count):
+            rows = (which == m).nonzero().squeeze(1)
+            mbs = microbatches(batch, self.cfg.max_tokens_per_microbatch, self.cfg.packing, rows) if len(rows) else []
+            spare = mbs[-1] if mbs else torch.zeros(1, dtype=torch.long, device=rows.device)  # weight 0: collectives
+            schedule = [(r, 1.0) for r in mbs] + [(spare, 0.0)] * (self._max(len(mbs)) - len(mbs))
+            (tokens,) = self._sum([float(batch.response_mask[rows].sum())])
+            out.append((schedule, tokens))
+        return out
+
     def step(self, batch: RolloutBatch) -> dict[str, float]:
         cfg = self.cfg
         timings: dict[str, float] = {}
@@ -169,7 +216,6 @@ class PPOTrainer:
         schedule = self._schedule(batch)
         local_tokens = float(batch.response_mask.sum())
         (n_tokens,) = self._sum([local_tokens])
-        scale = self.world / n_tokens  # loss · world (FSDP averages gradients) / global token count
         mask = batch.response_mask
         dtype = next(self.actor.parameters()).dtype  # the models' precision (fp32 here; fp64 in tests)
         old_values = torch.zeros(mask.shape, dtype=dtype, device=self.device)
@@ -187,9 +233,9 @@ class PPOTrainer:
                 if self.critic is not None:
                     old_values[rows, :width] = token_values(self.critic, mb, cfg.packing) * mb.response_mask
                 if need_prox:
-                    proximal[rows, :width] = token_logprobs(self.actor, mb, packed=cfg.packing) * mb.response_mask
+                    proximal[rows, :width] = self._logprobs(self.actor, mb) * mb.response_mask
                 if self.reference is not None:
-                    reference[rows, :width] = token_logprobs(self.reference, mb, packed=cfg.packing) * mb.response_mask
+                    reference[rows, :width] = self._logprobs(self.reference, mb) * mb.response_mask
         timings["forward_s"] = time.time() - t0
 
         returns = None
@@ -209,12 +255,14 @@ class PPOTrainer:
         lrs: dict[str, float] = {}  # the learning rate of each model's last optimiser step (the same on every rank)
         with_entropy = cfg.entropy_coef > 0
         self.actor.train()
-        for _ in range(cfg.policy_steps_per_iter):
+        policy_steps = self._steps(batch, cfg.policy_steps_per_iter, schedule, n_tokens)
+        for step_schedule, step_tokens in policy_steps:
             self.actor_opt.zero_grad(set_to_none=True)
-            for rows, use in schedule:
+            scale = self.world / step_tokens  # loss · world (FSDP averages gradients) / the step's global tokens
+            for rows, use in step_schedule:
                 mb = batch.select(rows)
                 width = mb.response_mask.shape[1]
-                out = token_logprobs(self.actor, mb, with_entropy, cfg.packing)
+                out = token_logprobs(self.actor, mb, with_entropy, cfg.packing, self.temperature)
                 logprobs, entropy = out if with_entropy else (out, None)
                 prox = proximal[rows, :width] if need_prox else logprobs.detach()
                 loss, st = ppo_policy_loss(logprobs, prox, mb.behavior_logprobs, advantages[rows, :width],
@@ -230,18 +278,20 @@ class PPOTrainer:
                 weight = use * float(mb.response_mask.sum()) * scale
                 (loss * weight).backward()
                 for k, v in st.items():
-                    stats[k] += v * weight / self.world / cfg.policy_steps_per_iter
+                    stats[k] += v * weight / self.world / len(policy_steps)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.actor.parameters(), cfg.grad_clip)
-            stats["actor_grad_norm"] += _scalar(grad_norm) / cfg.policy_steps_per_iter / self.world
+            stats["actor_grad_norm"] += _scalar(grad_norm) / len(policy_steps) / self.world
             lrs["actor_lr"] = self.actor_opt.param_groups[0]["lr"]  # the last step's
             self.actor_opt.step()
             self.actor_sched.step()  # per optimiser step, as ORZ's warm-up counts
 
         if self.critic is not None:
             self.critic.train()
-            for _ in range(cfg.critic_steps_per_iter):
+            critic_steps = self._steps(batch, cfg.critic_steps_per_iter, schedule, n_tokens)
+            for step_schedule, step_tokens in critic_steps:
                 self.critic_opt.zero_grad(set_to_none=True)
-                for rows, use in schedule:
+                scale = self.world / step_tokens
+                for rows, use in step_schedule:
                     mb = batch.select(rows)
                     width = mb.response_mask.shape[1]
                     values = token_values(self.critic, mb, cfg.packing)
@@ -250,9 +300,9 @@ class PPOTrainer:
                     weight = use * float(mb.response_mask.sum()) * scale
                     (loss * weight).backward()
                     for k, v in st.items():
-                        stats[k] += v * weight / self.world / cfg.critic_steps_per_iter
+                        stats[k] += v * weight / self.world / len(critic_steps)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.grad_clip)
-                stats["critic_grad_norm"] += _scalar(grad_norm) / cfg.critic_steps_per_iter / self.world
+                stats["critic_grad_norm"] += _scalar(grad_norm) / len(critic_steps) / self.world
                 lrs["critic_lr"] = self.critic_opt.param_groups[0]["lr"]
                 self.critic_opt.step()
                 self.critic_sched.step()

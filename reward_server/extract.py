@@ -6,8 +6,9 @@ length: `str.rfind` locates the block and the last `\\boxed`, and brace matching
 (long free text triggers super-linear backtracking in math-verify's regexes; deep nesting hangs ANTLR).
 
 ORZ (playground/orz_7b_ppo.py) takes the last `<answer>.*?(\\boxed{.*}).*?</answer>` match, then
-`last_boxed_only_string`; here a response with no boxed answer inside a closed `<answer>` block falls back
-to the last `\\boxed` anywhere (a rollout that stopped at `</answer>` without the tag kept in its text).
+`last_boxed_only_string`, and a response without one scores 0: the pressure toward the format ORZ relies on.
+That is the default here. `reward.math_fallback_boxed: true` falls back to the last `\\boxed` anywhere (for
+models or prompts that do not write the answer block).
 """
 
 from __future__ import annotations
@@ -70,12 +71,13 @@ def last_boxed_content(
 
 
 def extract_answer(
-    response: str, max_chars: int = MAX_ANSWER_CHARS, max_depth: int = MAX_BRACE_DEPTH
+    response: str, max_chars: int = MAX_ANSWER_CHARS, max_depth: int = MAX_BRACE_DEPTH, fallback_boxed: bool = False
 ) -> str | None:
-    """The answer the reward is computed on: last boxed in the last `<answer>` block, else last boxed anywhere."""
+    """The answer the reward is computed on: the last boxed in the last `<answer>` block (ORZ); with
+    `fallback_boxed`, else the last boxed anywhere."""
     block = answer_block(response)
     if block is not None:
         found = last_boxed_content(block, max_chars, max_depth)
         if found is not None:
             return found
-    return last_boxed_content(response, max_chars, max_depth)
+    return last_boxed_content(response, max_chars, max_depth) if fallback_boxed else None

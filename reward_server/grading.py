@@ -30,6 +30,7 @@ from pebble import ProcessExpired, ProcessPool
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from reward_server.graders import REGISTRY, VERDICTS, Verdict, run_compare
+from reward_server.graders.math import MathGrader
 from reward_server.sandbox import init_worker, preload_grading_modules, start_vm_mb
 from services.config import RewardConfig
 
@@ -123,6 +124,8 @@ class Grader:
     def __init__(self, cfg: RewardConfig, metrics: RewardMetrics, math_verify_timeout_s: int | None = None) -> None:
         self.cfg = cfg
         self.metrics = metrics
+        # extraction runs here, so its options live here; the sealed workers only compare
+        self.graders = {**REGISTRY, "math": MathGrader(fallback_boxed=cfg.math_fallback_boxed)}
         # math-verify's own alarm is a backstop one second behind the outer kill, so `grade_timeout_s`
         # is what bounds an item; the alarm only matters if pebble's kill were late.
         self.math_verify_timeout_s = math_verify_timeout_s or math.ceil(cfg.grade_timeout_s) + 1
@@ -182,7 +185,7 @@ class Grader:
         """Extracts the answer here (and compares it here, for cheap graders), or compares it in a worker;
         never raises for a bad item. A fault of the grader itself gives the verdict `error`, with `detail`."""
         t0 = time.perf_counter()
-        grader = REGISTRY[task_type]
+        grader = self.graders[task_type]
         extracted = grader.extract(response)
         verdict: Verdict | None
         detail = None

@@ -67,8 +67,9 @@ class TaskConfig(_Section):
 
 
 class SamplingConfig(_Section):
-    temperature: float = Field(1.0, description="ORZ: 1.0")
-    top_p: float = Field(1.0, description="ORZ: 1.0")
+    temperature: float = Field(1.0, description="ORZ: 1.0; learner log-probs are of softmax(logits / temperature)")
+    top_p: float = Field(1.0, description="ORZ: 1.0; training needs 1 (the learner recomputes log-probs of the whole "
+                         "tempered distribution)")
     max_tokens: int = Field(64, description="response token cap; longer responses are truncated and get reward 0")
     stop: list[str] = Field(default_factory=lambda: ["</answer>"], description="stop strings, kept in the output (ORZ)")
 
@@ -102,6 +103,9 @@ class RewardConfig(_Section):
     workers: int = Field(1, description="uvicorn worker processes (`orz reward-server --workers`); each has its own "
                          "grading pool; metrics are aggregated across them")
     grader_procs: int = Field(2, description="grading worker processes per uvicorn worker (`--grader-procs`)")
+    math_fallback_boxed: bool = Field(
+        False, description="math: without a boxed answer inside <answer>…</answer> (ORZ: reward 0), grade the last "
+        "\\boxed{} anywhere")
     grade_timeout_s: float = Field(5.0, description="wall-clock limit per item; the worker is killed past it")
     worker_mem_mb: int = Field(2048, description="RLIMIT_AS per grading worker")
     max_items: int = Field(1024, description="items per /v1/grade request")
@@ -185,12 +189,21 @@ class LearnerConfig(_Section):
     keep_checkpoints: int = Field(2, description="step checkpoints kept on disk (oldest removed first)")
     actor_lr: float = Field(1e-6, description="policy learning rate (ORZ 7B: 1e-6)")
     critic_lr: float = Field(5e-6, description="critic learning rate (ORZ 7B: 5e-6)")
-    warmup_steps: int = Field(50, description="linear warm-up, then constant (ORZ: 50)")
+    warmup_steps: int = Field(50, description="linear warm-up over this many optimiser steps of each model, then "
+                              "constant (ORZ: 50)")
+    lr_decay_iterations: int = Field(0, description="after the warm-up, decay both learning rates linearly over "
+                                     "this many iterations (0: constant; ORZ-32B's annealing stage: 100)")
+    lr_final_fraction: float = Field(1.0, description="the learning rates' share left at the end of the decay "
+                                     "(ORZ-32B's annealing: 0.3, 1e-6 to 3e-7)")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
     weight_decay: float = Field(0.0, description="AdamW weight decay (ORZ: 0)")
     grad_clip: float = Field(1.0, description="gradient norm clip")
     policy_steps_per_iter: int = Field(1, description="actor optimiser steps per batch (ORZ: 1)")
     critic_steps_per_iter: int = Field(12, description="critic optimiser steps per batch (ORZ: 12)")
+    step_over: Literal["minibatches", "batch"] = Field(
+        "minibatches", description="what each of the policy and critic optimiser steps covers: minibatches (ORZ: "
+        "the batch shuffled into that many mini-batches balanced by tokens, one pass in all) or batch (every step "
+        "over the whole batch: an epoch each)")
     seed: int = Field(0, description="learner seed")
     num_processes: int = Field(
         1, description="data-parallel learner ranks `orz up` starts with torchrun (FSDP2; gloo on CPU, nccl on GPU)")
@@ -257,6 +270,9 @@ class Config(_Section):
         if self.redis.block_ms >= self.redis.socket_timeout_s * 1000:
             problems.append(f"redis.block_ms ({self.redis.block_ms}) must be below redis.socket_timeout_s "
                             f"({self.redis.socket_timeout_s} s), or a blocking read times out its own socket")
+        if self.sampling.top_p < 1.0:
+            problems.append(f"sampling.top_p ({self.sampling.top_p}) must be 1 for training: the learner's log-probs "
+                            "are of the whole tempered distribution, and a nucleus would make vLLM's differ from them")
         if self.task.max_terms < self.task.min_terms:
             problems.append(f"task.max_terms ({self.task.max_terms}) is below task.min_terms ({self.task.min_terms})")
         ws = self.weight_sync
@@ -289,7 +305,7 @@ _RANGES: dict[str, tuple[Any, Any]] = {
                                         "num_kv_heads", "pretrain_batch")},
     "model.pretrain_steps": (0, None), "model.pretrain_lr": (("gt", 0), None), "model.answer_correct_prob": (0, 1),
     **{f"task.{k}": (1, None) for k in ("max_prompt_tokens", "min_terms", "max_terms", "max_operand", "eval_size")},
-    "sampling.temperature": (0, 10), "sampling.top_p": (("gt", 0), 1), "sampling.max_tokens": (1, None),
+    "sampling.temperature": (("gt", 0), 10), "sampling.top_p": (("gt", 0), 1), "sampling.max_tokens": (1, None),
     "redis.claim_idle_ms": (1, None), "redis.block_ms": (1, None),
     "reward.port": (0, 65535), "reward.grade_timeout_s": (("gt", 0), None), "reward.worker_mem_mb": (64, None),
     **{f"reward.{k}": (1, None) for k in ("workers", "grader_procs", "max_items", "max_response_chars",
@@ -302,10 +318,12 @@ _RANGES: dict[str, tuple[Any, Any]] = {
                                           "max_tokens_per_microbatch", "keep_checkpoints", "policy_steps_per_iter",
                                           "critic_steps_per_iter", "num_processes", "threads", "eval_size")},
     **{f"learner.{k}": (0, None) for k in ("max_staleness", "kl_coef", "entropy_coef", "checkpoint_every",
-                                          "warmup_steps", "weight_decay", "eval_every", "logits_chunk_tokens")},
+                                          "warmup_steps", "weight_decay", "eval_every", "logits_chunk_tokens",
+                                          "lr_decay_iterations")},
     **{f"learner.{k}": (("gt", 0), None) for k in ("clip_eps", "value_clip", "actor_lr", "critic_lr", "grad_clip",
                                                   "wait_timeout_s")},
-    "learner.gamma": (0, 1), "learner.lam": (0, 1), "learner.is_cap": (1, None), "learner.metrics_port": (0, 65535),
+    "learner.gamma": (0, 1), "learner.lam": (0, 1), "learner.lr_final_fraction": (0, 1),
+    "learner.is_cap": (1, None), "learner.metrics_port": (0, 65535),
     "weight_sync.port": (0, 65535), "weight_sync.bucket_mb": (1, None), "weight_sync.timeout_s": (("gt", 0), None),
     "eval.temperature": (0, 10), "eval.samples": (1, None), "eval.max_tokens": (1, None),
 }

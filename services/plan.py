@@ -54,12 +54,13 @@ def train_flops_per_token(cfg: Config) -> dict[str, float]:
     a forward is 2, a forward and backward 6, and activation checkpointing adds a forward to each backward."""
     lc = cfg.learner
     fb = 8.0 if lc.activation_checkpointing else 6.0
-    terms = {"policy": fb * lc.policy_steps_per_iter}
+    epochs = lc.step_over == "batch"  # every optimiser step over the whole batch; else one pass in all (ORZ)
+    terms = {"policy": fb * (lc.policy_steps_per_iter if epochs else 1)}
     if lc.policy_steps_per_iter > 1:
         terms["proximal_pass"] = 2.0
     if lc.advantage == "gae":
         terms["value_pass"] = 2.0
-        terms["critic"] = fb * lc.critic_steps_per_iter  # each critic step passes over the whole batch
+        terms["critic"] = fb * (lc.critic_steps_per_iter if epochs else 1)
     if lc.kl_coef > 0:
         terms["reference_pass"] = 2.0
     terms["total"] = sum(terms.values())

@@ -1,5 +1,6 @@
-"""`math`: ORZ's semantics — the last `\\boxed{…}` inside the last `<answer>…</answer>` (else the last `\\boxed{}`
-anywhere), compared with math-verify in a worker process; the reference is parsed once per worker and cached.
+"""`math`: ORZ's semantics — the last `\\boxed{…}` inside the last `<answer>…</answer>` (with `fallback_boxed`, else
+the last `\\boxed{}` anywhere), compared with math-verify in a worker process; the reference is parsed once per
+worker and cached.
 
 The verdict is math-verify's own `verify(parse(gold), parse(answer))`, except that an exception about the
 grader rather than the answer (a missing module, a file error, memory exhausted: `is_grader_fault`) is
@@ -65,8 +66,11 @@ class MathGrader(TaskGrader):
     name = "math"
     in_pool = True
 
+    def __init__(self, fallback_boxed: bool = False) -> None:
+        self.fallback_boxed = fallback_boxed  # reward.math_fallback_boxed
+
     def extract(self, response: str) -> str | None:
-        return extract_answer(response)
+        return extract_answer(response, fallback_boxed=self.fallback_boxed)
 
     def screen(self, reference: str, answer: str) -> Verdict | None:
         if answer == reference.strip():

@@ -8,7 +8,8 @@ the directory given as argv[1]; argv[2] is the advantage estimator; argv[3], opt
 of learner features to turn on: `checkpointing` (activation checkpointing per decoder layer), `chunked`
 (log-probs from the final hidden states in chunks of 5 positions, learner/logits.py), `bf16` (fp32 master
 weights, bf16 compute through FSDP2's mixed precision, also on one process), `packed` (padding-free
-micro-batches, learner/batch.py). The models are made ready by
+micro-batches, learner/batch.py), `epochs` (every optimiser step over the whole batch instead of ORZ's
+mini-batches). The models are made ready by
 learner/models.py, as a learner rank makes them.
 """
 
@@ -77,7 +78,8 @@ def main() -> None:
         critic = None
     cfg = LearnerConfig(advantage=advantage, actor_lr=1e-3, critic_lr=1e-3, warmup_steps=1, critic_steps_per_iter=3,
                         is_cap=1.5, max_tokens_per_microbatch=40, logits_chunk_tokens=5 if "chunked" in features else 0,
-                        activation_checkpointing="checkpointing" in features, packing="packed" in features)
+                        activation_checkpointing="checkpointing" in features, packing="packed" in features,
+                        step_over="batch" if "epochs" in features else "minibatches")
     prepare(cfg, dp, actor, critic)  # as every learner rank does (learner/models.py)
     compute_dtypes: set[str] = set()
     if dp.sharded:  # the dtype the first decoder layer computes in

@@ -23,10 +23,10 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_base_model(cfg, tmp_path_factory.mktemp("model"), force=True)
 
 
-def _hf_logprobs(model, prompt: list[int], response: list[int]) -> torch.Tensor:
+def _hf_logprobs(model, prompt: list[int], response: list[int], temperature: float = 1.0) -> torch.Tensor:
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([prompt + response])).logits[0].float()
-    logp = torch.log_softmax(logits, -1)
+    logp = torch.log_softmax(logits / temperature, -1)
     return torch.tensor([logp[len(prompt) - 1 + t, tok] for t, tok in enumerate(response)])
 
 
@@ -79,9 +79,11 @@ def test_continuous_batching_and_in_flight_weight_swap(model_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_learner_logprobs_match_generator(model_dir: Path) -> None:
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_learner_logprobs_match_generator(model_dir: Path, temperature: float) -> None:
     """μ (vLLM's sampled-token log-probs) against the learner's own computation on the same weights: padded,
-    length-sorted micro-batches through `build_batch` and `token_logprobs`, as a training step does it."""
+    length-sorted micro-batches through `build_batch` and `token_logprobs`, as a training step does it. At
+    T = 0.6 both must be of the tempered distribution that was sampled."""
     from learner.batch import build_batch, microbatches
     from learner.trainer import token_logprobs
     from services.protocol import Sample, TrajectoryGroup
@@ -90,7 +92,7 @@ def test_learner_logprobs_match_generator(model_dir: Path) -> None:
     problems = all_problems(2, 3, 9)[::97][:12]
     prompts = [tok.encode(p.prompt, add_special_tokens=False) for p in problems]
     engine = VllmEngine(model_dir, kv_cache_mb=32, seed=3)
-    params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=40)
+    params = SamplingParams(temperature=temperature, top_p=1.0, max_tokens=40)
     out = engine.generate(prompts, [params] * len(prompts), [4] * len(prompts))
     groups = [
         TrajectoryGroup(f"t{i}", np.array(p, dtype=np.int32),
@@ -106,9 +108,10 @@ def test_learner_logprobs_match_generator(model_dir: Path) -> None:
     with torch.no_grad():
         for rows in mbs:
             mb = batch.select(rows)
-            learner_lp[rows, : mb.response_mask.shape[1]] = token_logprobs(actor, mb)
+            learner_lp[rows, : mb.response_mask.shape[1]] = token_logprobs(actor, mb, temperature=temperature)
     mask = batch.response_mask.bool()
     delta = (learner_lp - batch.behavior_logprobs).abs()[mask]
-    print(f"generator vs learner log-probs: max |Δ| = {delta.max().item():.2e} over {int(mask.sum())} tokens")
+    print(f"T={temperature}: generator vs learner log-probs: max |Δ| = {delta.max().item():.2e} over "
+          f"{int(mask.sum())} tokens")
     assert int(mask.sum()) > 200
     assert delta.max().item() < 1e-4

@@ -56,7 +56,7 @@ def test_grading_workers_cannot_open_files_or_sockets(tmp_path: Path) -> None:
         await grader.start()
         try:
             sealed = await asyncio.wrap_future(grader._live_pool().schedule(_probe, args=(target,), timeout=30))
-            graded = await grader.grade_one("x", "so \\boxed{\\frac{1}{2}}", "0.5", False)
+            graded = await grader.grade_one("x", "so <answer>\\boxed{\\frac{1}{2}}</answer>", "0.5", False)
             return sealed, graded.verdict
         finally:
             grader.close()

@@ -32,23 +32,25 @@ def prompts(model_dir: Path) -> list[list[int]]:
     return ids
 
 
-def _hf_logprobs(model, prompt: list[int], response: list[int]) -> torch.Tensor:
+def _hf_logprobs(model, prompt: list[int], response: list[int], temperature: float = 1.0) -> torch.Tensor:
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([prompt + response])).logits[0].float()
-    logp = torch.log_softmax(logits, -1)
+    logp = torch.log_softmax(logits / temperature, -1)
     return torch.tensor([logp[len(prompt) - 1 + t, tok] for t, tok in enumerate(response)])
 
 
-def test_sampled_logprobs_match_a_forward_pass(model_dir: Path, prompts: list[list[int]]) -> None:
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_sampled_logprobs_match_a_forward_pass(model_dir: Path, prompts: list[list[int]], temperature: float) -> None:
+    """The recorded log-probs are of the distribution sampled: softmax(logits / T)."""
     engine = TransformersEngine(model_dir, seed=0)
-    outs = engine.generate(prompts, [SamplingParams(1.0, 1.0, 20)] * len(prompts), [3] * len(prompts))
+    outs = engine.generate(prompts, [SamplingParams(temperature, 1.0, 20)] * len(prompts), [3] * len(prompts))
     hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     assert [len(o) for o in outs] == [3] * len(prompts)
     for prompt, comps in zip(prompts, outs):
         for c in comps:
             assert len(c.token_ids) == len(c.logprobs) > 0
             assert (c.finish_reason == "length") == (len(c.token_ids) == 20)
-            ref = _hf_logprobs(hf, prompt, c.token_ids)
+            ref = _hf_logprobs(hf, prompt, c.token_ids, temperature)
             assert torch.max(torch.abs(ref - torch.tensor(c.logprobs))).item() < 1e-4
     assert not engine.has_unfinished()
 

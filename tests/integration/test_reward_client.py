@@ -15,7 +15,7 @@ from generator.reward_client import GradeItem, RewardClient, RewardClientError, 
 from services.config import RewardConfig
 from services.metrics import free_port
 
-HALF = "so \\boxed{\\frac{1}{2}}"
+HALF = "so <answer>\\boxed{\\frac{1}{2}}</answer>"
 
 
 def _items(n: int) -> list[GradeItem]:

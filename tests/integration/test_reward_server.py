@@ -290,7 +290,8 @@ HOSTILE = {  # name: (task_type, response, reference, verdicts allowed)
     "ones_run_49": ("math", "<answer>\\boxed{" + "1 " * 49 + "}</answer>", "2", {"wrong", "timeout"}),
     "ones_run_400k": ("math", "1 " * 400_000, "1", {"no_answer"}),
     "unclosed_boxes": ("math", "\\boxed{" * 100_000 + "1", "1", {"no_answer"}),
-    "many_boxes": ("math", "\\boxed{1}" * 100_000, "1", {"correct"}),
+    "many_boxes": ("math", "<answer>" + "\\boxed{1}" * 100_000 + "</answer>", "1", {"correct"}),
+    "many_boxes_no_block": ("math", "\\boxed{1}" * 100_000, "1", {"no_answer"}),  # ORZ: no answer block, 0
     "digits_100k": ("math", "<answer>\\boxed{" + "9" * 100_000 + "}</answer>", "1", {"no_answer"}),
     "import_payload": ("math", "<answer>\\boxed{__import__('os').system('touch /tmp/orz-pwned')}</answer>", "1",
                        {"wrong"}),
@@ -322,3 +323,17 @@ def test_hostile_output_is_answered_in_time(name: str, default_limits_url: str) 
         assert health.status_code == 200 and health.json()["in_flight"] == 0
         assert grade(c, item("after", HALF, "0.5"))[0]["verdict"] == "correct"
     assert not Path("/tmp/orz-pwned").exists()
+
+
+def test_orz_answer_format_and_the_fallback(client: httpx.Client) -> None:
+    """ORZ's reward format by default: a boxed answer outside a closed <answer> block earns nothing. A server
+    started with reward.math_fallback_boxed grades the last boxed anywhere."""
+    in_think = "<think>so x = \\boxed{2}</think> I am done"
+    no_box_in_block = "<think>\\boxed{2}</think> <answer>2</answer>"
+    orz = grade(client, item("f/0", in_think, "2"), item("f/1", no_box_in_block, "2"),
+                item("f/2", "<think>x</think> <answer>\\boxed{2}</answer>", "2"))
+    assert [(r["verdict"], r["reward"]) for r in orz] == [("no_answer", 0.0), ("no_answer", 0.0), ("correct", 1.0)]
+    with running_server(RewardConfig(grader_procs=1, math_fallback_boxed=True)) as url, \
+            httpx.Client(base_url=url, timeout=10.0) as other:
+        fallback = grade(other, item("f/0", in_think, "2"), item("f/1", no_box_in_block, "2"))
+    assert [(r["verdict"], r["extracted"]) for r in fallback] == [("correct", "2"), ("correct", "2")]

@@ -120,3 +120,31 @@ def test_peak_memory_grows_with_the_chunk_not_with_the_tokens() -> None:
     assert large < small + 30, (small, large)  # 4x the tokens: only the per-token vectors grow (a few 100 kB)
     assert large < 150  # the 32k x 64 head and its gradients, one [256, 32k] chunk (31 MB): not 2 GB
     assert wide > large + 150, (large, wide)  # 8x the chunk: one [2048, 32k] fp32 chunk is 250 MB
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.7])
+def test_logprobs_are_of_the_tempered_distribution(temperature: float) -> None:
+    """softmax(logits / T), worked out from the model's plain logits, by the full and the chunked head alike,
+    forward and gradients (fp64): what the generator sampled from at temperature T."""
+    torch.manual_seed(1)
+    cfg = Qwen2Config(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=64)
+    full = Qwen2ForCausalLM(cfg).double()
+    chunked = copy.deepcopy(full)
+    install_chunked_head(chunked, chunk_tokens=2)
+    b = build_batch([_group("a", [5, 6, 7], [[8, 9], [10, 11, 12, 13]]), _group("b", [4], [[3, 2, 1]])], pad_id=0)
+    mask = b.response_mask.bool()
+    with torch.no_grad():
+        logits = full(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+    by_hand = torch.log_softmax(logits / temperature, -1)[:, :-1].gather(2, b.input_ids[:, 1:, None])[..., 0]
+    by_hand = by_hand.gather(1, b.response_index)
+    grads = []
+    for model in (full, chunked):
+        logp = token_logprobs(model, b, temperature=temperature)
+        torch.testing.assert_close(logp[mask], by_hand[mask], rtol=0, atol=1e-12)
+        (logp * b.response_mask).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=1e-11, msg=name)
+    untempered = token_logprobs(full, b)
+    assert (untempered - by_hand)[mask].abs().max() > 1e-3  # T matters

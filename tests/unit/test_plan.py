@@ -154,13 +154,15 @@ def test_closed_form_decode_rate_agrees_with_the_simulated_engine(kv_gb: float |
 def test_step_time_is_the_cost_model_by_hand() -> None:
     cfg = load_config(ROOT / "configs" / "orz-7b.yaml", environ={})
     flops = train_flops_per_token(cfg)
-    # checkpointed forward+backward 8; one policy step, a value pass, 12 full-batch critic steps
-    assert flops == {"policy": 8.0, "value_pass": 2.0, "critic": 96.0, "total": 106.0}
+    # checkpointed forward+backward 8; one policy step, a value pass, 12 critic steps over mini-batches: one pass
+    assert flops == {"policy": 8.0, "value_pass": 2.0, "critic": 8.0, "total": 18.0}
+    epochs = load_config(ROOT / "configs" / "orz-7b.yaml", environ={}, overrides={"learner": {"step_over": "batch"}})
+    assert train_flops_per_token(epochs)["critic"] == 96.0  # 12 full-batch passes
     p = plan(cfg, "h100-80gb")
     s = p["step"]
     samples, tokens = 128 * 64, 200 + s["mean_response_tokens"]
     gpu = GPUS["h100-80gb"]
-    flop = 106 * p["model"]["params"] * samples * tokens
+    flop = 18 * p["model"]["params"] * samples * tokens
     assert s["train_s"] == pytest.approx(flop / (8 * gpu.peak_bf16_flops * 0.35))
     rate = s["decode_tokens_per_s_per_generator"]
     assert s["gen_s"] == pytest.approx(samples * s["mean_response_tokens"] / (24 * rate))

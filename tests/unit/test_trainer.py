@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,7 +60,7 @@ def test_one_policy_step_shortcut_equals_explicit_proximal_pass() -> None:
     _, _, shortcut = _run(policy_steps_per_iter=1, advantage="grpo")
     actor, _ = make_models()
     cfg = LearnerConfig(actor_lr=1e-3, warmup_steps=1, is_cap=1.5, max_tokens_per_microbatch=60,
-                        advantage="grpo", policy_steps_per_iter=2)
+                        advantage="grpo", policy_steps_per_iter=2, step_over="batch")  # step 1: the whole batch
     trainer = PPOTrainer(cfg, actor, None)
     steps = []
     original = trainer.actor_opt.step
@@ -100,3 +101,37 @@ def test_learning_rates_advance_per_optimiser_step() -> None:
     # each iteration reports the rate of its last step
     assert [s["critic_lr"] for s in reported] == pytest.approx([1.6e-3, 2e-3, 2e-3])
     assert [s["actor_lr"] for s in reported] == pytest.approx([0.4e-3, 0.8e-3, 1e-3])
+
+
+def test_linear_decay_after_the_warm_up_by_hand() -> None:
+    """ORZ-32B's annealing stage: no warm-up, lr decays linearly to 0.3 of itself over 100 iterations. Here over 4
+    iterations to 0.5; the critic's 2 steps per iteration spread the same decay over 8 critic steps."""
+    from learner.trainer import lr_factor
+
+    actor = [lr_factor(0, 4, 0.5, 1)(k) for k in range(6)]
+    assert actor == pytest.approx([1.0, 0.875, 0.75, 0.625, 0.5, 0.5])
+    critic = [lr_factor(0, 4, 0.5, 2)(k) for k in range(10)]
+    assert critic == pytest.approx([1.0, 0.9375, 0.875, 0.8125, 0.75, 0.6875, 0.625, 0.5625, 0.5, 0.5])
+    # with a warm-up of 2 steps first: 1/2, 2/2, then the decay
+    assert [lr_factor(2, 4, 0.5, 1)(k) for k in range(4)] == pytest.approx([0.5, 1.0, 1.0, 0.875])
+    assert [lr_factor(3)(k) for k in range(5)] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0, 1.0])  # ORZ's shape
+
+
+@pytest.mark.parametrize(("step_over", "passes"), [("minibatches", 1), ("batch", 4)])
+def test_critic_steps_take_one_pass_over_mini_batches(step_over: str, passes: int) -> None:
+    """ORZ's critic_update_steps: 4 optimiser steps over 4 mini-batches see each sample once; `step_over: batch`
+    sees it 4 times (an epoch per step). Counted at the critic's training forwards."""
+    actor, critic = make_models()
+    cfg = LearnerConfig(actor_lr=1e-3, critic_lr=1e-3, warmup_steps=1, critic_steps_per_iter=4, step_over=step_over,
+                        max_tokens_per_microbatch=60)
+    trainer = PPOTrainer(cfg, actor, critic, None)
+    seen: list[int] = []
+    critic.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]) if mod.training else None)
+    steps: list[int] = []
+    trainer.critic_opt.register_step_pre_hook(lambda *a: steps.append(len(seen)))
+    batch = build_batch(make_groups(), pad_id=0)
+    trainer.step(batch)
+    assert sum(seen) == passes * batch.size and len(steps) == 4
+    per_step = np.diff([0, *steps])
+    if step_over == "minibatches":  # 4 different mini-batches, balanced by tokens
+        assert per_step.min() >= 1
