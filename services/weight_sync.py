@@ -5,7 +5,7 @@ groups are), not through `init_process_group`, so the learner's own default grou
 parallelism. The learner is rank 0 and hosts the store; generators take ranks 1..N.
 
 Parameters are flattened into buckets of at most `bucket_bytes` (one collective per bucket, never one per
-parameter — per-parameter calls are a known cause of slow syncs in peers, ../shared/STYLE.md). Each
+parameter — per-parameter calls are a known cause of slow syncs in peers' weight updates). Each
 broadcast is preceded by a small header `[version, n_buckets]`; version −1 tells receivers to stop, −2 to
 leave this group and join the next one announced (the membership changed: learner/weight_group.py).
 The layout (names, shapes, dtype, bucket size) travels once, in the `WeightsAnnouncement` kept in Redis.
