@@ -24,7 +24,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 from transformers import AutoTokenizer  # noqa: E402
 
-from services.config import config_to_env, load_config  # noqa: E402
+from services.config_io import config_to_env, load_config  # noqa: E402
 from services.metrics import free_port, wait_healthy  # noqa: E402
 from services.protocol import PromptTask, SamplingParams, TrajectoryGroup  # noqa: E402
 from services.queue import Keys, StreamQueue  # noqa: E402

@@ -26,7 +26,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import torch  # noqa: E402
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
-from services.config import load_config  # noqa: E402
+from services.config_io import load_config  # noqa: E402
 from services.protocol import SamplingParams  # noqa: E402
 from services.tasks import all_problems, split  # noqa: E402
 

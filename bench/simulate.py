@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from services.config import load_config  # noqa: E402
+from services.config_io import load_config  # noqa: E402
 from services.costmodel import QWEN25_7B, R1_DISTILL_15B, CostModel, LengthModel  # noqa: E402
 from services.redis_server import EmbeddedRedis, connect  # noqa: E402
 

@@ -28,7 +28,8 @@ from rich.console import Console
 from rich.table import Table
 
 from generator.reward_client import GradeItem, RewardClient
-from services.config import Config, config_to_env
+from services.config import Config
+from services.config_io import config_to_env
 from services.datasets import bench_records, render, template
 from services.metrics import free_port, wait_healthy
 from services.protocol import SamplingParams

@@ -27,7 +27,8 @@ from pydantic import BaseModel, Field
 
 from reward_server.graders import REGISTRY, VERDICTS, Verdict
 from reward_server.grading import Grader, RewardMetrics
-from services.config import Config, RewardConfig, config_to_env, load_config
+from services.config import Config, RewardConfig
+from services.config_io import config_to_env, load_config
 
 log = logging.getLogger("orz.reward")
 

@@ -15,7 +15,8 @@ from typing import Any
 import typer
 import yaml
 
-from services.config import Config, load_config, require_model
+from services.config import Config
+from services.config_io import load_config, require_model
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="orz-async: asynchronous PPO-GAE training of reasoning LLMs (ORZ recipe).")

@@ -21,7 +21,8 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from services.config import Config, config_to_env
+from services.config import Config
+from services.config_io import config_to_env
 from services.metrics import free_port
 from services.queue import Keys
 from services.redis_server import EmbeddedRedis, connect_cfg

@@ -39,7 +39,7 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 def tiny_base_model() -> Path:
     """The tiny base model of configs/tiny.yaml, built once (`orz make-base-model`, as `make run` does) when the
     cache does not have it: slow tests start learners and generators that load it."""
-    from services.config import load_config
+    from services.config_io import load_config
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", environ={})
     if not (cfg.model.path / "config.json").is_file():

@@ -22,7 +22,8 @@ import typer.main
 import yaml
 
 from services.cli import app
-from services.config import Config, load_config
+from services.config import Config
+from services.config_io import load_config
 from services.queue import GENERATOR_GROUP, Keys
 
 ROOT = Path(__file__).resolve().parents[2]

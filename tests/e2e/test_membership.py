@@ -17,7 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.config import Config, config_to_env, load_config
+from services.config import Config
+from services.config_io import config_to_env, load_config
 from services.metrics import free_port
 from services.queue import GENERATOR_GROUP, Keys
 from services.redis_server import EmbeddedRedis, connect

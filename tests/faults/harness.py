@@ -18,7 +18,8 @@ from typing import Any
 
 import httpx
 
-from services.config import Config, config_to_env, load_config
+from services.config import Config
+from services.config_io import config_to_env, load_config
 from services.metrics import free_port
 from services.queue import Keys, dead_letters
 from services.redis_server import EmbeddedRedis, connect

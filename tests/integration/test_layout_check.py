@@ -15,7 +15,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from generator.engine import model_layout
 from generator.worker import WeightListener
 from learner.weight_group import WeightGroup
-from services.config import load_config
+from services.config_io import load_config
 from services.protocol import WeightsAnnouncement
 from services.queue import Keys
 from services.weight_sync import layout_digest

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from services.config import load_config
+from services.config_io import load_config
 from services.protocol import PromptTask, SamplingParams
 from services.queue import Keys, prompt_queue
 from services.redis_server import EmbeddedRedis, connect_cfg, free_port

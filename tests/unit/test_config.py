@@ -6,15 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from services.config import (
-    Config,
-    ConfigError,
-    config_to_env,
-    env_overrides,
-    load_config,
-    reference_markdown,
-    require_model,
-)
+from services.config import Config, ConfigError
+from services.config_io import config_to_env, env_overrides, load_config, reference_markdown, require_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,7 +55,7 @@ def test_shipped_configs_load() -> None:
 
 def test_readme_config_reference_is_current() -> None:
     readme = (ROOT / "README.md").read_text()
-    assert reference_markdown() in readme, "regenerate the README table with services.config.reference_markdown()"
+    assert reference_markdown() in readme, "regenerate the README table with services.config_io.reference_markdown()"
 
 
 @pytest.mark.parametrize(("env", "message"), [

@@ -18,7 +18,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Model
 
 from generator.sim_engine import SimEngine
 from learner.critic import Critic
-from services.config import load_config
+from services.config_io import load_config
 from services.costmodel import QWEN25_7B, CostModel, LengthModel
 from services.memplan import GPUS, QWEN25, LearnerSetting, ModelShape, learner_memory
 from services.plan import fit_warning, plan, train_flops_per_token

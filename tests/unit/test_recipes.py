@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from services.config import load_config
+from services.config_io import load_config
 from services.datasets import template
 
 ROOT = Path(__file__).resolve().parents[2]
