@@ -224,8 +224,9 @@ class TransformersEngine:
         tokens = order.gather(1, picked[:, None]).squeeze(1)
         # the sampled token's log-prob in the nucleus, renormalised: the distribution it was drawn from
         sampled = torch.log(sorted_p.gather(1, picked[:, None]).squeeze(1) / sorted_p.sum(dim=-1))
-        greedy_lp = torch.log_softmax(logits, dim=-1).gather(1, logits.argmax(dim=-1, keepdim=True)).squeeze(1)
-        return torch.where(greedy, logits.argmax(dim=-1), tokens), torch.where(greedy, greedy_lp, sampled)
+        best = logits.argmax(dim=-1)
+        greedy_lp = torch.log_softmax(logits, dim=-1).gather(1, best[:, None]).squeeze(1)
+        return torch.where(greedy, best, tokens), torch.where(greedy, greedy_lp, sampled)
 
     def _finish(self, row: _Row) -> tuple[str | None, str]:
         """(finish reason or None, the text so far if finished)."""

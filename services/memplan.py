@@ -28,8 +28,7 @@ The peak is the persistent part plus the largest of the transient phases.
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 GB = 1e9
@@ -244,21 +243,4 @@ def generator_memory(s: ModelShape, gpu: GpuMemory, tp: int, kv_cache_bytes: flo
     used = weights + kv_cache_bytes + overhead_bytes
     return {"weights": weights, "kv_cache": kv_cache_bytes, "overhead": overhead_bytes, "peak": used,
             "kv_tokens": tokens, "sequences_at_max_len": tokens / max_model_len,
-            "sequences_at_mean_context": tokens / max(1.0, mean_context), "memory": gpu.memory_bytes,
-            "fits": used <= gpu.memory_bytes, "headroom": 1 - used / gpu.memory_bytes}
-
-
-def in_gb(d: dict) -> dict:
-    """Byte figures as GB (2 decimals) for printing; other values as they are."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, float) and k not in ("headroom", "fits") and not k.startswith("sequences") and \
-                k != "kv_tokens" and not math.isnan(v):
-            out[k] = round(v / GB, 2)
-        else:
-            out[k] = v
-    return out
-
-
-def setting_dict(st: LearnerSetting) -> dict:
-    return asdict(st)
+            "sequences_at_mean_context": tokens / max(1.0, mean_context), "headroom": 1 - used / gpu.memory_bytes}

@@ -67,6 +67,11 @@ def train_flops_per_token(cfg: Config) -> dict[str, float]:
     return terms
 
 
+def rank_peak_bytes(mem: dict[str, float], cuda: bool) -> float:
+    """A learner rank's peak: memplan's tensors, plus the CUDA context and workspaces on a GPU."""
+    return mem["peak"] + (LEARNER_RUNTIME_BYTES if cuda else 0.0)
+
+
 def cost_model(cfg: Config, shape: ModelShape, gpu_name: str) -> CostModel:
     gpu = GPUS[gpu_name]
     spec = ModelSpec(shape.name, float(shape.params), shape.layers, shape.kv_heads, shape.d)
@@ -85,7 +90,7 @@ def plan(cfg: Config, gpu: str = "h100-80gb", model: str | None = None, response
     setting = learner_setting(cfg)
     mem = learner_memory(shape, setting)
     budget = device.memory_bytes * (1 - HEADROOM)
-    learner_peak = mem["peak"] + LEARNER_RUNTIME_BYTES
+    learner_peak = rank_peak_bytes(mem, cuda=True)
     terms = ("params", "grads", "optimizer", "activations", "attention_mask", "logits", "layer_backward",
              "fsdp_unsharded")
     learner = {
@@ -200,8 +205,7 @@ def fit_warning(cfg: Config, device: str, available: float, cuda: bool) -> str |
         shape = model_shape(cfg)
     except ValueError:
         return None
-    st = learner_setting(cfg, cuda=cuda)
-    need = learner_memory(shape, st)["peak"] + (LEARNER_RUNTIME_BYTES if cuda else 0.0)
+    need = rank_peak_bytes(learner_memory(shape, learner_setting(cfg, cuda=cuda)), cuda)
     ranks = 1 if cuda else cfg.learner.num_processes
     if need * ranks <= available:
         return None
