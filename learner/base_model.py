@@ -2,10 +2,11 @@
 
 1. Train a byte-level BPE tokenizer (`tokenizers`) on the toy task's prompts and worked responses.
 2. Build a small Qwen2-architecture causal LM (random init, `transformers`).
-3. Pretrain it briefly on noisy worked traces (services/tasks.py): the steps are right, the final answer is
-   right only `answer_correct_prob` of the time. The result is a base model that is right some of the
-   time — the starting point ORZ's recipe needs — saved in Hugging Face format (safetensors) with a
-   `base_model.json` that records how it was made.
+3. Pretrain it briefly on traces that mix bare guesses (short, right only by chance) with worked solutions
+   (long, right) (services/tasks.py): `skill_work_prob` of them worked at first, so that it learns to
+   compute, then `work_prob` in the last `prior_steps`, so that it mostly guesses. The result is right
+   some of the time, and right when it works the problem out — the starting point ORZ's recipe needs —
+   saved in Hugging Face format (safetensors) with a `base_model.json` that records how it was made.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from services.config import Config
-from services.tasks import all_problems, noisy_final, split
+from services.tasks import all_problems, answer_range, pretraining_response, split
 
 log = logging.getLogger("orz.base_model")
 
@@ -73,8 +74,15 @@ def build_base_model(cfg: Config, out_dir: Path | None = None, force: bool = Fal
     problems = all_problems(tc.min_terms, tc.max_terms, tc.max_operand)
     train, heldout = split(problems)
 
-    corpus = [p.prompt + p.response(noisy_final(p, rng, mc.answer_correct_prob)) for p in train]
-    tokenizer = train_tokenizer(corpus * 2, mc.vocab_size)
+    lo, hi = answer_range(tc.min_terms, tc.max_terms, tc.max_operand)
+
+    def trace(p, step: int = 0):
+        mix = mc.work_prob if step >= mc.pretrain_steps - mc.prior_steps else mc.skill_work_prob
+        return pretraining_response(p, rng, mix, lo, hi)
+
+    # The tokenizer sees every worked solution and every guess, whatever the mix.
+    corpus = [p.prompt + p.response() for p in train] + [p.prompt + trace(p) for p in train]
+    tokenizer = train_tokenizer(corpus, mc.vocab_size)
 
     model_cfg = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size,
@@ -84,8 +92,9 @@ def build_base_model(cfg: Config, out_dir: Path | None = None, force: bool = Fal
     )
     model = Qwen2ForCausalLM(model_cfg)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("pretraining a %.2fM-parameter Qwen2 on %d noisy traces for %d steps",
-             n_params / 1e6, len(train), mc.pretrain_steps)
+    log.info("pretraining a %.2fM-parameter Qwen2 on %d problems for %d steps: %.0f%% of traces worked out (the "
+             "rest guessed), %.0f%% in the last %d", n_params / 1e6, len(train), mc.pretrain_steps,
+             100 * mc.skill_work_prob, 100 * mc.work_prob, mc.prior_steps)
 
     opt = torch.optim.AdamW(model.parameters(), lr=mc.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.0)
     warmup = max(1, mc.pretrain_steps // 20)
@@ -102,10 +111,9 @@ def build_base_model(cfg: Config, out_dir: Path | None = None, force: bool = Fal
     with Progress(TextColumn("[bold]pretrain"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn()) as progress:
         bar = progress.add_task("pretrain", total=mc.pretrain_steps, loss="-")
-        for _ in range(mc.pretrain_steps):
+        for step in range(mc.pretrain_steps):
             batch = [rng.choice(train) for _ in range(mc.pretrain_batch)]
-            encoded = [_encode_pair(tokenizer, p.prompt, p.response(noisy_final(p, rng, mc.answer_correct_prob)))
-                       for p in batch]
+            encoded = [_encode_pair(tokenizer, p.prompt, trace(p, step)) for p in batch]
             width = max(len(ids) for ids, _ in encoded)
             input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
             labels = torch.full_like(input_ids, -100)
@@ -129,7 +137,7 @@ def build_base_model(cfg: Config, out_dir: Path | None = None, force: bool = Fal
     tokenizer.save_pretrained(out)
     info = {
         "params": n_params, "pretrain_steps": mc.pretrain_steps, "final_loss_ema": loss_ema,
-        "answer_correct_prob": mc.answer_correct_prob, "train_problems": len(train),
+        "work_prob": mc.work_prob, "skill_work_prob": mc.skill_work_prob, "train_problems": len(train),
         "heldout_problems": len(heldout), "seconds": round(time.time() - t0, 1),
         **recipe,
     }

@@ -10,13 +10,28 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 
+def window_means(history: list[dict], key: str, window: int = 10) -> tuple[float, float]:
+    """Mean of `key` over the first and the last `window` steps (fewer when the run is short)."""
+    k = max(1, min(window, len(history) // 2))
+    values = [r[key] for r in history]
+    return sum(values[:k]) / k, sum(values[-k:]) / k
+
+
 def plot_curves(history: list[dict], out: Path) -> None:
+    """Reward, response length and staleness per step; the reward and length panels also mark the mean of
+    the first and the last 10 steps (the figures `orz up` prints at the end)."""
     steps = [r["step"] for r in history]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     panels = (("reward_mean", "mean reward (accuracy of samples)"), ("response_len_mean", "response length (tokens)"),
               ("staleness_mean", "staleness (versions)"))
+    k = max(1, min(10, len(history) // 2))
     for ax, (key, title) in zip(axes, panels):
         ax.plot(steps, [r[key] for r in history], marker=".", linewidth=1)
+        if key != "staleness_mean" and history:
+            first, last = window_means(history, key)
+            ax.hlines(first, steps[0], steps[k - 1], colors="tab:red", linewidth=2, label=f"first {k}: {first:.3g}")
+            ax.hlines(last, steps[-k], steps[-1], colors="tab:green", linewidth=2, label=f"last {k}: {last:.3g}")
+            ax.legend(loc="best", fontsize=8)
         ax.set_title(title)
         ax.set_xlabel("learner step")
         ax.grid(alpha=0.3)

@@ -30,12 +30,15 @@ class ModelConfig(_Section):
     num_layers: int = Field(3, description="tiny base model: transformer layers")
     num_heads: int = Field(2, description="tiny base model: attention heads")
     num_kv_heads: int = Field(1, description="tiny base model: key/value heads (GQA)")
-    pretrain_steps: int = Field(800, description="supervised steps on the toy task's noisy traces")
+    pretrain_steps: int = Field(1000, description="supervised steps on the toy task's mixed guess/worked traces")
     pretrain_batch: int = Field(64, description="sequences per pretraining step")
     pretrain_lr: float = Field(3e-3, description="peak pretraining learning rate (cosine decay)")
-    answer_correct_prob: float = Field(
-        0.3, description="fraction of pretraining traces whose final answer is right (the base model's prior)"
-    )
+    skill_work_prob: float = Field(
+        0.5, description="fraction of worked traces (the rest guess) in pretraining, before the last prior_steps")
+    work_prob: float = Field(
+        0.15, description="fraction of worked traces in the last prior_steps: the base model's prior to work a "
+        "problem out rather than guess")
+    prior_steps: int = Field(200, description="last pretraining steps, on the work_prob mix")
     seed: int = Field(0, description="seed of the model build")
 
     @property
@@ -300,7 +303,8 @@ class Config(_Section):
 _RANGES: dict[str, tuple[Any, Any]] = {
     **{f"model.{k}": (1, None) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                                         "num_kv_heads", "pretrain_batch")},
-    "model.pretrain_steps": (0, None), "model.pretrain_lr": (("gt", 0), None), "model.answer_correct_prob": (0, 1),
+    "model.pretrain_steps": (0, None), "model.pretrain_lr": (("gt", 0), None),
+    "model.work_prob": (0, 1), "model.skill_work_prob": (0, 1), "model.prior_steps": (0, None),
     **{f"task.{k}": (1, None) for k in ("max_prompt_tokens", "min_terms", "max_terms", "max_operand", "eval_size")},
     "sampling.temperature": (("gt", 0), 10), "sampling.top_p": (("gt", 0), 1), "sampling.max_tokens": (1, None),
     "redis.claim_idle_ms": (1, None), "redis.block_ms": (1, None),

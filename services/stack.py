@@ -27,7 +27,7 @@ from services.metrics import free_port
 from services.queue import Keys
 from services.redis_server import EmbeddedRedis, connect_cfg
 
-console = Console()
+console = Console(soft_wrap=True)  # one line per message off a TTY too (no wrap at 80 columns)
 
 
 class Child:
@@ -204,12 +204,15 @@ def up(cfg: Config, evaluate: bool = True, resume: bool = False) -> int:
 def _summary(history: list[dict], train_wall_s: float) -> dict:
     if not history:
         return {"steps": 0}
-    k = max(1, len(history) // 5)
+    k = max(1, min(10, len(history) // 2))
     tokens = sum(r["response_len_mean"] * len(r["task_ids"]) for r in history)
     return {
         "steps": len(history),
+        "window_steps": k,
         "reward_first_steps": sum(r["reward_mean"] for r in history[:k]) / k,
         "reward_last_steps": sum(r["reward_mean"] for r in history[-k:]) / k,
+        "response_len_first_steps": sum(r["response_len_mean"] for r in history[:k]) / k,
+        "response_len_last_steps": sum(r["response_len_mean"] for r in history[-k:]) / k,
         "learner_step_s_mean": sum(r["step_time_s"] for r in history) / len(history),
         "learner_train_s_mean": sum(r["train_s"] for r in history) / len(history),
         "train_phase_s": round(train_wall_s, 1),
@@ -221,8 +224,12 @@ def _summary(history: list[dict], train_wall_s: float) -> dict:
 
 
 def _print_summary(s: dict, run_path: Path) -> None:
-    console.print(f"[bold green]done[/] in {s['wall_s']:.0f} s — {s.get('steps', 0)} steps; "
-                  f"train reward {s.get('reward_first_steps', 0):.3f} → {s.get('reward_last_steps', 0):.3f}")
+    console.print(f"[bold green]done[/] in {s['wall_s']:.0f} s — {s.get('steps', 0)} steps")
+    if s.get("steps"):
+        k = s["window_steps"]
+        console.print(f"first {k} → last {k} steps: train reward {s['reward_first_steps']:.3f} → "
+                      f"{s['reward_last_steps']:.3f}; mean response length {s['response_len_first_steps']:.1f} → "
+                      f"{s['response_len_last_steps']:.1f} tokens")
     if "base_accuracy" in s:
         console.print(f"held-out accuracy: base model [bold]{s['base_accuracy']:.3f}[/] → "
                       f"trained [bold]{s['trained_accuracy']:.3f}[/]")

@@ -1,14 +1,16 @@
 """The synthetic reasoning task of the tiny CPU run: short chains of single-digit additions and subtractions.
 
-A problem is `7+5-3`; a worked response in ORZ's format is
-`<think> 7+5=12, 12-3=9 </think> <answer>\\boxed{9}</answer>`.
+A problem is `7+5-3`. In ORZ's format a response either works it out,
+`<think> 7+5=12, 12-3=9. So 7+5-3=9. </think> <answer>\\boxed{9}</answer>` (about 36 tokens),
+or guesses, `<think> </think> <answer>\\boxed{14}</answer>` (about 12 tokens).
 
-The base model is pretrained (learner/base_model.py) on *noisy* traces: the worked steps are always right,
-but the final boxed answer is right only with probability `answer_correct_prob`; otherwise it is an
-off-by-one slip or a random number. The resulting base model "knows" the computation but concludes
-correctly only some of the time — the situation RL with a 0/1 correctness reward improves (the ORZ
-setting in miniature). Problems are split into train and held-out sets by a stable hash, so the accuracy
-report is on problems the learner never trained on.
+The base model is pretrained (learner/base_model.py) on a mix of the two: a fraction `work_prob` of the
+traces work the problem out, step by step and right; the rest are a bare guess, a number drawn uniformly
+from the family's answer range, so right only by chance (about 1 in 46). The base model therefore mostly
+guesses and is mostly wrong, but it can compute. A 0/1 correctness reward, with no length term, pays for
+working it out, so RL raises reward and response length together: ORZ's signature curves in miniature.
+Problems are split into train and held-out sets by a stable hash, so the accuracy report is on problems
+the learner never trained on.
 
 Shared by the learner (prompt feed), the base-model builder and the evaluator, so it lives in services/.
 """
@@ -63,11 +65,15 @@ class Problem:
     def heldout(self) -> bool:
         return zlib.crc32(self.text.encode()) % HELDOUT_MODULUS == 0
 
-    def response(self, final: int | None = None) -> str:
-        """A worked response; `final` overrides the boxed answer (used for the noisy pretraining traces)."""
+    def response(self) -> str:
+        """The worked response: each step, then the whole problem restated with its value."""
         work = ", ".join(f"{a}{op}{b}={c}" for a, op, b, c in self.steps())
-        boxed = self.answer if final is None else final
-        return f" {work} </think> <answer>\\boxed{{{boxed}}}</answer>"
+        return f" {work}. So {self.text}={self.answer}. </think> <answer>\\boxed{{{self.answer}}}</answer>"
+
+    @staticmethod
+    def guess_response(guess: int) -> str:
+        """A bare guess: an empty think block and a boxed number."""
+        return f" </think> <answer>\\boxed{{{guess}}}</answer>"
 
 
 def all_problems(min_terms: int, max_terms: int, max_operand: int) -> list[Problem]:
@@ -94,17 +100,18 @@ def split(problems: list[Problem]) -> tuple[list[Problem], list[Problem]]:
     return train, heldout
 
 
-def noisy_final(problem: Problem, rng: random.Random, correct_prob: float) -> int:
-    """The base model's prior: right with `correct_prob`, else an off-by-one slip (2/3) or a random value."""
-    u = rng.random()
-    if u < correct_prob:
-        return problem.answer
-    if rng.random() < 2 / 3:
-        return problem.answer + rng.choice((-1, 1))
-    wrong = problem.answer
-    while wrong == problem.answer:
-        wrong = rng.randint(-9, 27)
-    return wrong
+def answer_range(min_terms: int, max_terms: int, max_operand: int) -> tuple[int, int]:
+    """The smallest and largest answer in the family: 0 minus every other operand at its largest, and
+    every operand at its largest added."""
+    return -(max_terms - 1) * max_operand, max_terms * max_operand
+
+
+def pretraining_response(problem: Problem, rng: random.Random, work_prob: float, lo: int, hi: int) -> str:
+    """One pretraining trace's response: worked out with probability `work_prob`, else a uniform guess in
+    [lo, hi] (which carries no information about the answer, so it is right only by chance)."""
+    if rng.random() < work_prob:
+        return problem.response()
+    return Problem.guess_response(rng.randint(lo, hi))
 
 
 def train_stream(problems: list[Problem], seed: int) -> Iterator[Problem]:

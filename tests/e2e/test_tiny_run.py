@@ -4,7 +4,10 @@ fallback), the learner, evaluation.
 Asserts that the system learns: versions advance, generators load new weights mid-run, no task is trained
 twice, and the reward climbs by far more than noise. With 16 prompts × 8 samples per step the standard
 error of one step's mean reward is at most sqrt(0.25/128) ≈ 0.044, and of an 8-step mean about 0.016
-(less with the within-group correlation ignored); the margins below are several times that.
+(less with the within-group correlation ignored); the margins below are several times that. And ORZ's
+signature: the responses grow as the reward rises, since on the tiny task working a problem out (about 37
+tokens) is what the 0/1 reward pays for and the base model mostly guesses (about 12 tokens; response
+length first 10 steps about 17 tokens, 37 after 100 steps).
 """
 
 from __future__ import annotations
@@ -72,17 +75,21 @@ def test_tiny_run_learns(tmp_path: Path, advantage: str, backend: str) -> None:
     first = sum(r["reward_mean"] for r in records[:WINDOW]) / WINDOW
     last = sum(r["reward_mean"] for r in records[-WINDOW:]) / WINDOW
     print(f"reward first {WINDOW} steps {first:.3f}, last {WINDOW} steps {last:.3f}")
-    assert last - first > 0.15
+    assert last - first > 0.25
+    len_first = sum(r["response_len_mean"] for r in records[:WINDOW]) / WINDOW
+    len_last = sum(r["response_len_mean"] for r in records[-WINDOW:]) / WINDOW
+    print(f"response length first {WINDOW} steps {len_first:.1f}, last {WINDOW} steps {len_last:.1f}")
+    assert len_last > 1.3 * len_first
 
     # Held-out accuracy, measured by the same evaluator on the base and the trained model.
     summary = json.loads((run / "summary.json").read_text())
     print("summary:", json.dumps(summary, indent=1))
-    assert 0.05 <= summary["base_accuracy"] <= 0.5
-    assert summary["trained_accuracy"] > summary["base_accuracy"] + 0.1
+    assert 0.05 <= summary["base_accuracy"] <= 0.3  # the base model mostly guesses
+    assert summary["trained_accuracy"] > summary["base_accuracy"] + 0.25
     # The in-training evaluation ran at mid-run and at the end, on the current weights.
     evals = {r["step"]: r["eval_accuracy"] for r in records if r.get("eval_accuracy") is not None}
     assert set(evals) == {STEPS // 2, STEPS}, evals
-    assert evals[STEPS] > summary["base_accuracy"] + 0.1
+    assert evals[STEPS] > summary["base_accuracy"] + 0.25
     assert (run / "curves.png").stat().st_size > 10_000
     assert (run / "checkpoints" / "final" / "model.safetensors").exists()
     assert (run / "checkpoints" / "final" / "critic").exists() == (advantage == "gae")

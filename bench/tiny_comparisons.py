@@ -1,0 +1,173 @@
+"""The README's comparisons on the tiny task, several seeds each: PPO-GAE (the default) against GRPO,
+`max_staleness` 0 / 1 / 2 / 4, and `learner.is_correction` none against token.
+
+Every run is a real `orz up -c configs/tiny.yaml` (Redis, reward server, 2 vLLM generators, the learner, the
+held-out evaluation of the base and the trained model), differing from the default only by the `--set`
+pairs below and the seed (`learner.seed` and `generator.seed`; the base model, the prompt order and the
+held-out problems are the same for all). From each run, first 10 vs last 10 steps: train reward and mean
+response length; held-out accuracy of the trained model; mean staleness; wall time. Each variant reports
+mean ± sample sd over seeds and its difference from the default (the baseline measured in the same
+invocation). Prints JSON, writes bench/results/tiny-comparisons-<date>.json and a plot of the seed-mean
+curves per comparison under docs/.
+
+    python bench/tiny_comparisons.py                    # 6 variants x 3 seeds, about 80 minutes on 2 cores
+    python bench/tiny_comparisons.py --only default,grpo --seeds 1
+    python bench/tiny_comparisons.py --from bench/results/tiny-comparisons-2026-12-01.json --readme
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from learner.plot import plot_comparison  # noqa: E402
+
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "default": ("PPO-GAE, staleness 1, is_correction token (default)", []),
+    "grpo": ("GRPO, staleness 1", ["learner.advantage=grpo"]),
+    "s0": ("PPO-GAE, staleness 0", ["learner.max_staleness=0"]),
+    "s2": ("PPO-GAE, staleness 2", ["learner.max_staleness=2"]),
+    "s4": ("PPO-GAE, staleness 4", ["learner.max_staleness=4"]),
+    "none": ("PPO-GAE, staleness 1, is_correction none", ["learner.is_correction=none"]),
+}
+COMPARISONS = {"estimator": ["default", "grpo"], "staleness": ["s0", "default", "s2", "s4"],
+               "is_correction": ["default", "none"]}
+FIGURES = ("reward_first", "reward_last", "length_first", "length_last", "heldout_base", "heldout_trained",
+           "staleness_mean", "wall_s")
+START, END = "<!-- tiny-comparisons:start -->", "<!-- tiny-comparisons:end -->"
+
+
+def run_once(run_dir: Path, variant: str, seed: int, config: Path) -> dict:
+    name = f"{variant}-s{seed}"
+    cmd = [sys.executable, "-m", "services.cli", "up", "--config", str(config),
+           "--set", f"run_dir={run_dir}", "--set", f"run_name={name}", "--set", "learner.checkpoint_every=0",
+           "--set", f"learner.seed={seed}", "--set", f"generator.seed={seed}"]
+    for pair in VARIANTS[variant][1]:
+        cmd += ["--set", pair]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORZ__")}
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600, check=False)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"orz up ({name}) failed with exit code {proc.returncode}")
+    summary = json.loads((run_dir / name / "summary.json").read_text())
+    return {
+        "variant": variant, "seed": seed, "run": str(run_dir / name),
+        "reward_first": summary["reward_first_steps"], "reward_last": summary["reward_last_steps"],
+        "length_first": summary["response_len_first_steps"], "length_last": summary["response_len_last_steps"],
+        "heldout_base": summary["base_accuracy"], "heldout_trained": summary["trained_accuracy"],
+        "staleness_mean": summary["staleness_mean"], "wall_s": round(time.time() - t0, 1),
+    }
+
+
+def aggregate(runs: list[dict]) -> dict[str, dict]:
+    """Per variant and figure: mean and sample sd over seeds; and the mean's difference from the default."""
+    out: dict[str, dict] = {}
+    for variant in VARIANTS:
+        rows = [r for r in runs if r["variant"] == variant]
+        if not rows:
+            continue
+        out[variant] = {"label": VARIANTS[variant][0], "seeds": len(rows)}
+        for f in FIGURES:
+            values = [r[f] for r in rows]
+            out[variant][f] = {"mean": statistics.fmean(values),
+                               "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+    if "default" in out:
+        for variant, agg in out.items():
+            agg["vs_default"] = {f: agg[f]["mean"] - out["default"][f]["mean"]
+                                 for f in ("reward_last", "length_last", "heldout_trained", "wall_s")}
+    return out
+
+
+def seed_mean_history(run_paths: list[str]) -> list[dict]:
+    """Per-step mean over seeds of the plotted figures (runs have the same step count)."""
+    histories = [[json.loads(x) for x in (Path(p) / "metrics.jsonl").read_text().splitlines()] for p in run_paths]
+    steps = min(len(h) for h in histories)
+    keys = ("reward_mean", "response_len_mean", "staleness_mean")
+    return [{"step": histories[0][i]["step"], **{k: statistics.fmean(h[i][k] for h in histories) for k in keys}}
+            for i in range(steps)]
+
+
+def plot(runs: list[dict], docs: Path) -> list[str]:
+    written = []
+    for name, variants in COMPARISONS.items():
+        curves = {VARIANTS[v][0]: seed_mean_history([r["run"] for r in runs if r["variant"] == v])
+                  for v in variants if any(r["variant"] == v for r in runs)}
+        if len(curves) > 1:
+            out = docs / f"tiny-{name}.png"
+            plot_comparison(curves, out)
+            written.append(str(out.relative_to(ROOT)))
+    return written
+
+
+def _pm(agg: dict, f: str, digits: int) -> str:
+    return f"{agg[f]['mean']:.{digits}f} ± {agg[f]['sd']:.{digits}f}"
+
+
+def markdown(doc: dict) -> str:
+    agg = doc["variants"]
+    lines = [f"Generated by `python bench/tiny_comparisons.py --readme` from "
+             f"`bench/results/{doc['file']}` ({doc['seeds']} seeds each, mean ± sd; first 10 → last 10 steps).", "",
+             "| run | train reward, first 10 → last 10 | response length (tokens), first 10 → last 10 | "
+             "held-out accuracy, trained (base " + _pm(agg["default"], "heldout_base", 3) + ") | "
+             "mean staleness | wall time |", "|---|---|---|---|---|---|"]
+    order = ["default", "grpo", "s0", "s2", "s4", "none"]
+    for v in [v for v in order if v in agg]:
+        a = agg[v]
+        lines.append(f"| {a['label']} | {_pm(a, 'reward_first', 3)} → {_pm(a, 'reward_last', 3)} | "
+                     f"{_pm(a, 'length_first', 1)} → {_pm(a, 'length_last', 1)} | {_pm(a, 'heldout_trained', 3)} | "
+                     f"{a['staleness_mean']['mean']:.2f} | {_pm(a, 'wall_s', 0)} s |")
+    return "\n".join(lines)
+
+
+def render_readme(doc: dict) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(head + START + "\n" + markdown(doc) + "\n" + END + tail)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "tiny.yaml")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants")
+    ap.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "cmp")
+    ap.add_argument("--from", dest="from_file", type=Path, help="re-render a saved result instead of running")
+    ap.add_argument("--readme", action="store_true", help="render the README table between its markers")
+    args = ap.parse_args()
+    if args.from_file:
+        doc = json.loads(args.from_file.read_text())
+    else:
+        unknown = set(args.only.split(",")) - set(VARIANTS)
+        if unknown:
+            raise SystemExit(f"unknown variants {sorted(unknown)}; known: {sorted(VARIANTS)}")
+        runs = []
+        for seed in range(args.seeds):  # seed-major, so a cut-short invocation has every variant at some seeds
+            for variant in args.only.split(","):
+                runs.append(run_once(args.run_dir, variant, seed, args.config))
+                print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+        date = dt.date.today().isoformat()
+        doc = {"benchmark": "tiny_comparisons", "date": date, "file": f"tiny-comparisons-{date}.json",
+               "seeds": args.seeds, "config": str(args.config.relative_to(ROOT)), "runs": runs,
+               "variants": aggregate(runs)}
+        doc["plots"] = plot(runs, ROOT / "docs")
+        out = ROOT / "bench" / "results" / doc["file"]
+        out.write_text(json.dumps(doc, indent=2))
+    if args.readme:
+        render_readme(doc)
+    print(json.dumps(doc["variants"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
