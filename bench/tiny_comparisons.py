@@ -82,7 +82,7 @@ def aggregate(runs: list[dict]) -> dict[str, dict]:
             out[variant][f] = {"mean": statistics.fmean(values),
                                "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
     if "default" in out:
-        for variant, agg in out.items():
+        for agg in out.values():
             agg["vs_default"] = {f: agg[f]["mean"] - out["default"][f]["mean"]
                                  for f in ("reward_last", "length_last", "heldout_trained", "wall_s")}
     return out

@@ -7,7 +7,7 @@ import math
 import random
 import re
 
-from services.tasks import Problem, all_problems, answer_range, pretraining_response
+from services.tasks import all_problems, answer_range, pretraining_response
 
 BOXED = re.compile(r"\\boxed\{(-?\d+)\}")
 
