@@ -69,4 +69,4 @@ soak: venv system-deps base-model
 # the README's "Failure modes" table is written from.
 faults: venv system-deps base-model
 	rm -f bench/results/faults-$$(date +%F).jsonl
-	ORZ_FAULT_REPORT=$(CURDIR)/bench/results/faults-$$(date +%F).jsonl $(PY) -m pytest -m slow -s tests/faults tests/e2e/test_resume.py
+	ORZ_FAULT_REPORT=$(CURDIR)/bench/results/faults-$$(date +%F).jsonl $(PY) -m pytest -m slow -s tests/faults tests/multihost tests/e2e/test_resume.py tests/e2e/test_supervise.py

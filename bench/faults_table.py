@@ -1,8 +1,9 @@
 """The README's "Failure modes" table, from the JSON lines `make faults` writes (one per fault test):
 
-    python bench/faults_table.py bench/results/faults-2026-11-25.jsonl [--readme]
+    python bench/faults_table.py bench/results/faults-2026-11-25.jsonl [MORE.jsonl ...] [--readme]
 
-Prints the markdown table; `--readme` also puts it between `<!-- faults:start -->` and `<!-- faults:end -->`.
+Several files merge (a later file's report of a fault replaces an earlier one's). Prints the markdown table;
+`--readme` also puts it between `<!-- faults:start -->` and `<!-- faults:end -->`.
 """
 
 from __future__ import annotations
@@ -92,6 +93,48 @@ def rows(reports: dict[str, dict]) -> list[tuple[str, str, str, str]]:
             f"broadcast abandoned {r['broadcast_given_up_after_s']:g} s after the hang, regrouped at "
             f"{r['regrouped_without_peer_after_s']:g} s; the restarted peer trains again "
             f"{r['rejoined_and_trained_after_restart_s']:g} s after its restart"))
+    if r := reports.get("supervisor"):
+        rec = r["recovery_s"]
+        out.append((
+            "`kill -9` of a generator, the reward server, the embedded Redis, then the learner, during one "
+            "`orz up` (`tests/e2e/test_supervise.py`)",
+            "`orz up` restarts each (`stack.restart: on-failure`, backoff from `stack.restart_backoff_s`): the "
+            "generator under its id, the reward server on its port, Redis from its AOF, the learner with "
+            "`--auto-resume`; the run goes on to `total_steps`",
+            f"nothing: {r['trained']} trained once, none twice; the steps after the learner's checkpoint are "
+            "trained again",
+            "next step " + ", ".join(f"{rec[k]:g} s after the {k.replace('_', ' ')} kill" for k in rec)))
+    if r := reports.get("multihost_generator_partition"):
+        out.append((
+            "a generator's host cut off from the network (link down), then healed (`tests/multihost`: every "
+            "part on a host of its own)",
+            "its leases lapse and a peer trains its prompts; the broadcast to it fails and the group re-forms "
+            "without it; after the heal it rejoins the group with current weights",
+            _lost(r),
+            f"first step {r['first_step_after_cut_s']:g} s after the cut, 8 steps by {r['eight_steps_after_cut_s']:g}"
+            f" s; trains again {r['rejoined_after_heal_s']:g} s after the heal"))
+    if r := reports.get("multihost_delay_loss"):
+        out.append((
+            "200 ± 100 ms delay and 5 % frame loss on a generator's link (`tests/multihost`, a user-space "
+            "netem: tests/multihost/wire.py)",
+            "training goes on; the slow generator keeps contributing",
+            _lost(r) + f"; {r['frames_dropped']} frames dropped",
+            f"{r['steps_per_min_before']:g} → {r['steps_per_min_during']:g} steps/min, staleness "
+            f"{r['staleness_before']:g} → {r['staleness_during']:g}"))
+    if r := reports.get("multihost_learner_cut"):
+        out.append((
+            "the learner's host cut off from Redis for longer than `redis.retry_s` (`tests/multihost`)",
+            "the learner's Redis calls give up after `redis.retry_s` and it exits with the error; after the "
+            "heal, `--resume` continues from its checkpoint",
+            _lost(r) + "; the steps after the checkpoint are trained again",
+            f"learner stopped {r['learner_stopped_after_s']:g} s after the cut; first step "
+            f"{r['first_step_after_resume_s']:g} s after the restart"))
+    if r := reports.get("multihost_reward_cut"):
+        out.append((
+            "the reward server's host cut off for 20 s (`tests/multihost`)",
+            "generators back off and retry, publish nothing ungraded; the learner waits",
+            _lost(r) + f"; {r['steps_while_cut']} steps while cut off; 0 dead letters",
+            f"first step {r['first_step_after_heal_s']:g} s after the heal"))
     if r := reports.get("poison"):
         out.append((
             f"{r['entries']} poison entries in both streams (garbage, wrong schema, wrong array lengths, NaN "
@@ -109,14 +152,15 @@ def table(reports: dict[str, dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("report", type=Path)
+    ap.add_argument("report", type=Path, nargs="+")
     ap.add_argument("--readme", action="store_true")
     args = ap.parse_args()
     reports = {}
-    for line in args.report.read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            reports[r["fault"]] = r
+    for path in args.report:
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                reports[r["fault"]] = r
     text = table(reports)
     print(text)
     if args.readme:

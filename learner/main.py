@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import redis
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -447,6 +448,11 @@ class Learner:
         except KeyboardInterrupt:
             log.info("learner interrupted at version %d", self.version)
             self._write_accounting(self.run_path / "STOPPED")
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            # Every call already retried for redis.retry_s: Redis is gone, or this host is cut off from it.
+            log.error("Redis unreachable for longer than redis.retry_s (%g s) during step %d (%s): stopping; "
+                      "--resume continues from the newest checkpoint", self.cfg.redis.retry_s, self.step + 1, exc)
+            raise SystemExit(3) from None
         finally:
             parallel.send_command(self.dp, parallel.CMD_STOP)
             if history:

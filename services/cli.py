@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-import sys
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import yaml
 
 from services.config import Config
 from services.config_io import load_config, require_model
+from services.logfmt import configure as configure_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="orz-async: asynchronous PPO-GAE training of reasoning LLMs (ORZ recipe).")
@@ -40,12 +41,13 @@ def _overrides(pairs: list[str] | None) -> dict[str, Any]:
 
 
 def _setup(config: Path | None, sets: list[str] | None, process: str, needs_model: bool = False) -> Config:
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {process} %(name)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stdout)
-    for noisy in ("httpx", "urllib3", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(process)
     try:
         cfg = load_config(config, overrides=_overrides(sets))
+        configure_logging(process, cfg.logging.format)
+        if cfg.weight_sync.socket_ifname:
+            for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+                os.environ.setdefault(var, cfg.weight_sync.socket_ifname)
         if needs_model:
             require_model(cfg)
         return cfg

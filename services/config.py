@@ -228,9 +228,26 @@ class WeightSyncConfig(_Section):
     port: int = Field(0, description="rendezvous port; 0 lets the learner pick a free one per group, else groups "
                       "cycle through port … port + port_span − 1")
     port_span: int = Field(16, ge=2, description="ports a fixed `port` cycles through, one per new group")
+    socket_ifname: str = Field(
+        "", description="network interface for weight sync (sets GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME unless "
+        "already set); empty: gloo uses the interface on the route to the learner, NCCL its own choice")
     bucket_mb: int = Field(256, description="flat broadcast bucket size")
     timeout_s: float = Field(
         60.0, description="forming a group and each collective; a member that neither joins nor answers is dropped")
+
+
+class StackConfig(_Section):
+    restart: Literal["on-failure", "never"] = Field(
+        "on-failure", description="orz up restarts a child that dies (generator, reward server, embedded Redis "
+        "from its AOF, the learner with --resume), or ends the run")
+    max_restarts: int = Field(5, description="restarts per child before orz up gives up")
+    restart_backoff_s: float = Field(1.0, description="wait before a child's first restart; doubles each time")
+    restart_backoff_max_s: float = Field(30.0, description="longest wait between restarts")
+
+
+class LoggingConfig(_Section):
+    format: Literal["text", "json"] = Field(
+        "text", description="one line per record: text (newlines escaped off a terminal) or JSON for log shippers")
 
 
 class EvalConfig(_Section):
@@ -251,6 +268,8 @@ class Config(_Section):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    stack: StackConfig = Field(default_factory=StackConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -326,6 +345,7 @@ _RANGES: dict[str, tuple[Any, Any]] = {
     "learner.gamma": (0, 1), "learner.lam": (0, 1), "learner.lr_final_fraction": (0, 1),
     "learner.is_cap": (1, None), "learner.metrics_port": (0, 65535),
     "weight_sync.port": (0, 65535), "weight_sync.bucket_mb": (1, None), "weight_sync.timeout_s": (("gt", 0), None),
+    "stack.max_restarts": (0, None), "stack.restart_backoff_s": (0, None), "stack.restart_backoff_max_s": (0, None),
     "eval.temperature": (0, 10), "eval.samples": (1, None), "eval.max_tokens": (1, None),
 }
 

@@ -213,6 +213,8 @@ class EmbeddedRedis:
         die_with_parent: bool = True,
         workdir: str | None = None,
         appendonly: bool = False,
+        host: str = HOST,
+        launcher: Sequence[str] = (),
     ) -> None:
         self.binary = binary
         self.requested_port = port
@@ -223,6 +225,9 @@ class EmbeddedRedis:
         # A given `workdir` is kept (a restart with `appendonly` reloads the AOF from it); else a temporary one.
         self.keep_dir = workdir
         self.appendonly = appendonly
+        # `host`: the address it binds (loopback unless a test gives it a host of its own, a network namespace
+        # entered through `launcher`, e.g. `ip netns exec NS`).
+        self.host, self.launcher = host, tuple(launcher)
         self.port: int | None = None
         self.workdir: str | None = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -233,7 +238,7 @@ class EmbeddedRedis:
         port = self.port if self.port is not None else self.requested_port
         if port is None:
             raise RuntimeError("EmbeddedRedis is not started (and has no fixed port)")
-        return f"redis://{HOST}:{port}/0"
+        return f"redis://{self.host}:{port}/0"
 
     @property
     def pid(self) -> int | None:
@@ -268,9 +273,9 @@ class EmbeddedRedis:
         workdir = self.keep_dir or tempfile.mkdtemp(prefix="orz-redis-")
         logfile = Path(workdir) / "redis.log"
         args = [
-            binary,
+            *self.launcher, binary,
             "--port", str(port),
-            "--bind", HOST,
+            "--bind", self.host,
             "--protected-mode", "yes",
             "--save", "",
             *(("--appendonly", "yes", "--appendfsync", "everysec") if self.appendonly else ("--appendonly", "no")),
@@ -312,9 +317,8 @@ class EmbeddedRedis:
                 raise RedisServerError(f"redis-server did not start: {reason}")
             time.sleep(0.01)
 
-    @staticmethod
-    def _ping(port: int) -> bool:
-        client = redis.Redis(host=HOST, port=port, socket_timeout=0.5, socket_connect_timeout=0.5,
+    def _ping(self, port: int) -> bool:
+        client = redis.Redis(host=self.host, port=port, socket_timeout=0.5, socket_connect_timeout=0.5,
                              retry=Retry(NoBackoff(), 0))
         try:
             return bool(client.ping())

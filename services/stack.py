@@ -1,21 +1,24 @@
 """`orz up`: the whole system on one machine, each part its own OS process.
 
-Order: base model (built if missing) → Redis (embedded unless `redis.url` is set) → reward server → learner
-(waits until it has reset the run's streams) → generators → progress until the learner finishes →
-generators stopped → evaluation of the base and the trained model → everything stopped. Children run in
-their own sessions with logs under `runs/<run>/logs/`; Ctrl-C (or SIGTERM) stops all of them, newest first.
+Order: base model (built if missing) → Redis (embedded unless `redis.url` is set; AOF under
+`runs/<run>/redis/`) → reward server → learner (waits until it has reset the run's streams) → generators →
+progress until the learner finishes → generators stopped → evaluation of the base and the trained model →
+everything stopped. Children run in their own sessions with logs under `runs/<run>/logs/`; Ctrl-C (or
+SIGTERM) stops all of them, newest first. A child that dies meanwhile is restarted (services/supervise.py,
+`stack.restart`); the learner is restarted with `--auto-resume`, from its newest checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO
 
 import httpx
 from rich.console import Console
@@ -26,39 +29,9 @@ from services.config_io import config_to_env
 from services.metrics import free_port
 from services.queue import Keys
 from services.redis_server import EmbeddedRedis, connect_cfg
+from services.supervise import Child, RedisChild, StackError, Supervisor
 
 console = Console(soft_wrap=True)  # one line per message off a TTY too (no wrap at 80 columns)
-
-
-class Child:
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path,
-                 launcher: list[str] | None = None) -> None:
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        self._log: IO[bytes] = self.log_path.open("ab")
-        self.proc = subprocess.Popen([*(launcher or [sys.executable]), "-m", "services.cli", *args], env=env,
-                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, timeout_s: float = 20.0) -> None:
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
-
-    def tail(self, lines: int = 30) -> str:
-        text = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
-
-
-class StackError(RuntimeError):
-    pass
 
 
 def _wait(what: str, check, timeout_s: float, children: list[Child]) -> None:
@@ -115,7 +88,9 @@ def up(cfg: Config, evaluate: bool = True, resume: bool = False) -> int:
             subprocess.run([sys.executable, "-m", "services.cli", "make-base-model"], env={**env, **config_to_env(cfg)},
                            check=True)
         if cfg.redis.url is None:
-            redis_server = EmbeddedRedis().start()
+            # Durable for this `orz up` only: a restart after a crash reloads the AOF; a new `orz up` starts empty.
+            shutil.rmtree(run_path / "redis", ignore_errors=True)
+            redis_server = EmbeddedRedis(workdir=str(run_path / "redis"), appendonly=True).start()
             cfg.redis.url = redis_server.url
         own_reward_server = cfg.reward.url is None
         if own_reward_server:
@@ -140,8 +115,10 @@ def up(cfg: Config, evaluate: bool = True, resume: bool = False) -> int:
         children.append(learner)
         _wait("the learner to reset the run's streams", lambda: redis.exists(keys.policy_version) == 1, 300,
               children)
-        for i in range(cfg.generator.num):
-            children.append(Child(f"generator-{i}", ["generator"], env, log_dir))
+        for i in range(cfg.generator.num):  # stable ids: a restarted generator takes its old place
+            children.append(Child(f"generator-{i}", ["generator", "--id", f"generator-{i}"], env, log_dir))
+        supervisor = Supervisor(cfg.stack, lambda msg: console.print(f"[yellow]{msg}[/]"))
+        redis_child = RedisChild(redis_server) if redis_server is not None else None
 
         metrics_path = run_path / "metrics.jsonl"
         offset = 0
@@ -149,13 +126,25 @@ def up(cfg: Config, evaluate: bool = True, resume: bool = False) -> int:
         with Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("reward {task.fields[reward]}"), TimeElapsedColumn(), console=console) as progress:
             bar = progress.add_task("train", total=cfg.learner.total_steps, reward="-")
-            while learner.alive():
+            printed = 0
+            while learner.returncode != 0:
+                if redis_child is not None:
+                    supervisor.poll(redis_child)
                 for child in children:
-                    if child is not learner and not child.alive():
-                        raise StackError(f"{child.name} exited with code {child.proc.returncode}:\n{child.tail()}")
+                    if child is not learner:
+                        supervisor.poll(child)
+                if not learner.alive():
+                    before = supervisor.restarts.get("learner", 0)
+                    supervisor.poll(learner, lambda: learner.restart(["learner", "--auto-resume"]),
+                                    give_up=lambda msg: msg + "\n" + _resume_hint())
+                    if supervisor.restarts.get("learner", 0) > before:  # it cut metrics.jsonl to its checkpoint
+                        history, offset = [], 0
                 records, offset = _follow(metrics_path, offset)
                 for r in records:
                     history.append(r)
+                    if r["step"] <= printed:
+                        continue
+                    printed = r["step"]
                     progress.console.print(
                         f"step {r['step']:>4}  v{r['policy_version']:<4} reward {r['reward_mean']:.3f}  "
                         f"len {r['response_len_mean']:5.1f}  staleness {r['staleness_mean']:.2f}  "
@@ -164,13 +153,13 @@ def up(cfg: Config, evaluate: bool = True, resume: bool = False) -> int:
                 time.sleep(0.5)
             records, offset = _follow(metrics_path, offset)
             history.extend(records)
-        if learner.proc.returncode != 0:
-            raise StackError(f"learner exited with code {learner.proc.returncode}:\n{learner.tail()}")
         t_trained = time.time()
         for child in children:
             if child.name.startswith("generator"):
                 child.stop()
         summary = _summary(history, t_trained - t_start)
+        summary["restarts"] = dict(supervisor.restarts)
+        summary["accounting"] = _accounting(run_path / "tasks.jsonl")
         if evaluate:
             final = run_path / "checkpoints" / "final"
             ev = Child("eval", ["eval", "--model", str(cfg.model.path), "--model", str(final),
@@ -199,6 +188,34 @@ def up(cfg: Config, evaluate: bool = True, resume: bool = False) -> int:
             child.stop()
         if redis_server is not None:
             redis_server.stop()
+
+
+def _resume_hint() -> str:
+    """The command that resumes this run: the one that started it, with --resume."""
+    args = sys.argv[1:] if sys.argv[1:2] == ["up"] else ["up", *sys.argv[1:]]
+    if "--resume" not in args:
+        args = [args[0], "--resume", *args[1:]]
+    return f"The run can be resumed from its newest checkpoint: {shlex.join(['orz', *args])}"
+
+
+def _accounting(ledger: Path) -> dict:
+    """From the ledger: tasks fed, trained (and how many of them twice: must be 0), dropped as stale, and fed
+    but neither trained nor dropped when the run ended (in flight)."""
+    fed: set[str] = set()
+    trained: list[str] = []
+    dropped: set[str] = set()
+    if ledger.is_file():
+        for line in ledger.read_text().splitlines():
+            e = json.loads(line)
+            if e["event"] == "fed":
+                fed.add(e["task_id"])
+            elif e["event"] == "trained":
+                trained.append(e["task_id"])
+            elif e["event"] == "dropped_stale":
+                dropped.add(e["task_id"])
+    done = set(trained) | dropped
+    return {"fed": len(fed), "trained": len(trained), "trained_twice": len(trained) - len(set(trained)),
+            "dropped_stale": len(dropped), "in_flight_at_end": len(fed - done), "trained_not_fed": len(done - fed)}
 
 
 def _summary(history: list[dict], train_wall_s: float) -> dict:
@@ -230,6 +247,12 @@ def _print_summary(s: dict, run_path: Path) -> None:
         console.print(f"first {k} → last {k} steps: train reward {s['reward_first_steps']:.3f} → "
                       f"{s['reward_last_steps']:.3f}; mean response length {s['response_len_first_steps']:.1f} → "
                       f"{s['response_len_last_steps']:.1f} tokens")
+    if s.get("restarts"):
+        console.print("restarts: " + ", ".join(f"{name} {n}" for name, n in sorted(s["restarts"].items())))
+    if "accounting" in s:
+        a = s["accounting"]
+        console.print(f"tasks: {a['fed']} fed, {a['trained']} trained ({a['trained_twice']} twice), "
+                      f"{a['dropped_stale']} dropped as stale, {a['in_flight_at_end']} in flight at the end")
     if "base_accuracy" in s:
         console.print(f"held-out accuracy: base model [bold]{s['base_accuracy']:.3f}[/] → "
                       f"trained [bold]{s['trained_accuracy']:.3f}[/]")

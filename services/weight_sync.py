@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import socket
 import time
 from collections.abc import Iterable
 from datetime import timedelta
@@ -81,12 +83,34 @@ def make_group(backend: str, rendezvous: str, rank: int, world_size: int, timeou
                           wait_for_workers=False)
     store = dist.PrefixStore(f"orz-weights/{session}", store)
     if backend == "gloo":
-        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+        opts = dist.ProcessGroupGloo._Options()
+        opts._timeout = timeout
+        opts._devices = [gloo_device(host, int(port))]
+        return dist.ProcessGroupGloo(store, rank, world_size, opts)
     if backend == "nccl":  # pragma: no cover - needs GPUs
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
         return dist.ProcessGroupNCCL(store, rank, world_size, opts)
     raise ValueError(f"unknown weight-sync backend {backend!r}")
+
+
+def local_address(host: str, port: int) -> str:
+    """The address of this machine's interface on the route to host:port (a UDP connect picks the route and
+    sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((host, port))
+        return s.getsockname()[0]
+
+
+def gloo_device(host: str, port: int) -> dist.ProcessGroupGloo.Device:
+    """Gloo's transport device: the interface named by GLOO_SOCKET_IFNAME when set, else the one on the route
+    to the rendezvous host. Gloo's own default is the address the machine's hostname resolves to, which is
+    127.0.0.1 (or 127.0.1.1) on many hosts and containers: peers on other machines were then told to dial
+    loopback, and the group never formed (found by tests/multihost)."""
+    ifname = os.environ.get("GLOO_SOCKET_IFNAME")
+    if ifname:
+        return dist.ProcessGroupGloo.create_device(interface=ifname.split(",")[0])
+    return dist.ProcessGroupGloo.create_device(hostname=local_address(host, port))
 
 
 # How long a receiver waits for the *next* version. Between versions the learner is training or waiting for

@@ -2,6 +2,10 @@
 a directory that survives a restart), one or more real reward servers, the learner and vLLM generators with
 fixed ids, each its own process with its own log. Tests kill, stop, restart and poison parts of it and then
 check the accounting with `check_accounting`.
+
+With `net` (tests/multihost/netsim.py) every part runs on a host of its own, a network namespace: Redis,
+the reward server, the learner and each generator bind and dial by their hosts' addresses, so nothing can
+lean on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -28,15 +32,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class Proc:
-    def __init__(self, name: str, args: list[str], env: dict[str, str], logs: Path) -> None:
-        self.name, self.args, self.env, self.logs = name, args, env, logs
+    def __init__(self, name: str, args: list[str], env: dict[str, str], logs: Path,
+                 prefix: list[str] | None = None) -> None:
+        self.name, self.args, self.env, self.logs, self.prefix = name, args, env, logs, prefix or []
         self.log = logs / f"{name}.log"
         self.expected_exit = False  # killed on purpose
         self._start()
 
     def _start(self) -> None:
         self._f = self.log.open("ab")
-        self.p = subprocess.Popen([sys.executable, "-m", "services.cli", *self.args], cwd=ROOT, env=self.env,
+        self.p = subprocess.Popen([*self.prefix, sys.executable, "-m", "services.cli", *self.args], cwd=ROOT,
+                                  env=self.env,
                                   stdout=self._f, stderr=subprocess.STDOUT, start_new_session=True)
         self.expected_exit = False
 
@@ -81,18 +87,30 @@ def _merge(base: dict, extra: dict) -> dict:
 
 class Stack:
     def __init__(self, tmp: Path, name: str, *, steps: int, batch: int = 4, generators: int = 2,
-                 reward_replicas: int = 1, overrides: dict[str, Any] | None = None) -> None:
+                 reward_replicas: int = 1, overrides: dict[str, Any] | None = None, net=None) -> None:
         self.tmp = tmp
-        self.redis = EmbeddedRedis(port=free_port(), workdir=str(tmp / "redis"), appendonly=True)
-        self.reward_ports = [free_port() for _ in range(reward_replicas)]
+        self.net = net
+        self.hosts: dict[str, Any] = {}
+        if net is not None:  # one host each; the first generator's link can be impaired (delay, loss)
+            for host in ("redis", "reward", "learner"):
+                self.hosts[host] = net.add(host)
+            for i in range(generators):
+                self.hosts[f"gen-{i}"] = net.add(f"gen-{i}", impairable=(i == 0))
+            assert reward_replicas == 1, "one reward host"
+        redis_host = self.hosts["redis"].addr if net is not None else "127.0.0.1"
+        reward_host = self.hosts["reward"].addr if net is not None else "127.0.0.1"
+        self.redis = EmbeddedRedis(port=6379 if net is not None else free_port(), workdir=str(tmp / "redis"),
+                                   appendonly=True, host=redis_host,
+                                   launcher=self.hosts["redis"].prefix if net is not None else ())
+        self.reward_ports = [8600] if net is not None else [free_port() for _ in range(reward_replicas)]
         settings = {
             "run_dir": str(tmp / "runs"), "run_name": name,
             "redis": {"url": self.redis.url, "claim_idle_ms": 3000, "reclaim_every_s": 1.0, "retry_s": 60},
-            "reward": {"url": ",".join(f"http://127.0.0.1:{p}" for p in self.reward_ports),
+            "reward": {"url": ",".join(f"http://{reward_host}:{p}" for p in self.reward_ports), "host": reward_host,
                        "port": self.reward_ports[0], "request_timeout_s": 5.0, "retry_s": 120},
             "learner": {"total_steps": steps, "batch_prompts": batch, "n_samples": 4, "wait_timeout_s": 300},
             "generator": {"heartbeat_s": 1.0},
-            "weight_sync": {"timeout_s": 10},
+            "weight_sync": {"timeout_s": 10, **({"host": self.hosts["learner"].addr} if net is not None else {})},
         }
         self.cfg: Config = load_config(ROOT / "configs" / "tiny.yaml", environ={},
                                        overrides=_merge(settings, overrides or {}))
@@ -111,18 +129,27 @@ class Stack:
     def start(self) -> Stack:
         self.redis.start()
         for i, port in enumerate(self.reward_ports):
-            self.rewards.append(self._spawn(f"reward-{i}", ["reward-server", "--set", f"reward.port={port}"]))
-        for port in self.reward_ports:
-            self.wait(f"reward server :{port}", lambda p=port: _ok(f"http://127.0.0.1:{p}/healthz"), 120)
-        self.learner = self._spawn("learner", ["learner"])
+            self.rewards.append(self._spawn(f"reward-{i}", ["reward-server", "--set", f"reward.port={port}"],
+                                            "reward"))
+        for url in self.cfg.reward.url.split(","):
+            self.wait(f"reward server {url}", lambda u=url: _ok(f"{u}/healthz"), 120)
+        self.learner = self._spawn("learner", ["learner"], "learner")
         client = self.client()
         self.wait("the learner to reset the streams", lambda: client.exists(self.keys.policy_version) == 1, 300)
         for i in range(self.n_generators):
-            self.generators.append(self._spawn(f"gen-{i}", ["generator", "--id", f"gen-{i}"]))
+            self.generators.append(self._spawn(f"gen-{i}", ["generator", "--id", f"gen-{i}"], f"gen-{i}"))
         return self
 
-    def _spawn(self, name: str, args: list[str]) -> Proc:
-        proc = Proc(name, args, self.env, self.logs)
+    def _spawn(self, name: str, args: list[str], host: str | None = None) -> Proc:
+        """A process; on its own host (namespace) when the stack has a network: its metrics bind its address."""
+        prefix = None
+        if self.net is not None and host is not None:
+            h = self.hosts[host]
+            prefix = h.prefix
+            section = "generator" if host.startswith("gen-") else host
+            if section in ("learner", "generator"):
+                args = [*args, "--set", f"{section}.metrics_host={h.addr}"]
+        proc = Proc(name, args, self.env, self.logs, prefix)
         self.procs.append(proc)
         return proc
 
