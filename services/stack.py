@@ -127,6 +127,7 @@ def up(cfg: Config, evaluate: bool = True, resume: bool = False) -> int:
                       TextColumn("reward {task.fields[reward]}"), TimeElapsedColumn(), console=console) as progress:
             bar = progress.add_task("train", total=cfg.learner.total_steps, reward="-")
             printed = 0
+            resumed_at: float | None = None  # a restarted learner cuts metrics.jsonl back to its checkpoint
             while learner.returncode != 0:
                 if redis_child is not None:
                     supervisor.poll(redis_child)
@@ -137,9 +138,14 @@ def up(cfg: Config, evaluate: bool = True, resume: bool = False) -> int:
                     before = supervisor.restarts.get("learner", 0)
                     supervisor.poll(learner, lambda: learner.restart(["learner", "--auto-resume"]),
                                     give_up=lambda msg: msg + "\n" + _resume_hint())
-                    if supervisor.restarts.get("learner", 0) > before:  # it cut metrics.jsonl to its checkpoint
-                        history, offset = [], 0
+                    if supervisor.restarts.get("learner", 0) > before:
+                        resumed_at = time.time()
+                if resumed_at is not None:
+                    # Until its first new step the file may still be cut back: read it whole each time.
+                    history, offset = [], 0
                 records, offset = _follow(metrics_path, offset)
+                if resumed_at is not None and any(r["time"] > resumed_at for r in records):
+                    resumed_at = None
                 for r in records:
                     history.append(r)
                     if r["step"] <= printed:

@@ -36,15 +36,14 @@ def _pid(run_dir: Path, *argv: str) -> int:
 
 
 def _redis_pid(run: Path) -> int:
+    """redis-server rewrites its command line; its working directory is its --dir, the run's redis/."""
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
-                cmd = (d / "cmdline").read_bytes()
+                if os.readlink(d / "cwd") == str(run / "redis") and b"redis-server" in (d / "cmdline").read_bytes():
+                    return int(d.name)
             except OSError:
                 continue
-            if cmd.startswith(b"redis-server") or b"/redis-server\0" in cmd:
-                if str(run / "redis").encode() in cmd:
-                    return int(d.name)
     raise AssertionError("no embedded redis-server for this run")
 
 
