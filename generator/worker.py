@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from generator.engine import Completion, VllmEngine, make_engine, model_layout
@@ -123,6 +124,15 @@ class WeightListener(threading.Thread):
             self.stop_event.wait(0.2)
         return None
 
+    def _newer_group(self, session: str) -> bool:
+        """The learner has announced another group that lists this generator (it re-formed or restarted)."""
+        try:
+            raw = self.redis.get(self.keys.weights_meta)
+            ann = None if raw is None else WeightsAnnouncement.from_bytes(raw)
+        except (ProtocolError, redis.RedisError):  # unreadable, or Redis away: stay in the group
+            return False
+        return ann is not None and ann.session != session and self.generator_id in ann.members
+
     def run(self) -> None:
         session: str | None = None
         try:
@@ -146,7 +156,7 @@ class WeightListener(threading.Thread):
                         if self.stop_event.is_set():
                             return
                     try:
-                        version, weights = receiver.receive()
+                        version, weights = receiver.receive(lambda s=session: self._newer_group(s))
                     except Exception as exc:
                         log.warning("weight-sync group %s closed (%s); waiting for the next one", ann.session[:8],
                                     exc)

@@ -18,13 +18,14 @@ keeps one flat buffer per bucket and hands out views into them, valid until its 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 
 import torch
@@ -118,6 +119,7 @@ def gloo_device(host: str, port: int) -> dist.ProcessGroupGloo.Device:
 # would leave after every long step and the learner's next broadcast would fail). A dead learner closes the
 # connection and ends the wait at once; past this the receiver gives up the group and awaits the next one.
 NEXT_VERSION_WAIT_S = 6 * 3600.0
+SUPERSEDED_POLL_S = 1.0  # how often a waiting receiver checks for a newer group (one small Redis GET)
 
 
 def _broadcast(group: dist.ProcessGroup, tensor: torch.Tensor, wait: bool = True, timeout_s: float | None = None):
@@ -188,6 +190,10 @@ class WeightSender:
         self.group = None
 
 
+class GroupSuperseded(RuntimeError):
+    """The learner announced a newer group while this receiver waited in the old one."""
+
+
 class WeightReceiver:
     """Ranks 1..N (generators): receive one version at a time as a list of (HF name, tensor)."""
 
@@ -207,13 +213,29 @@ class WeightReceiver:
         self._flat: list[torch.Tensor] = []  # one buffer per bucket, allocated on the first version
         self.next_version_wait_s = max(next_version_wait_s, timeout_s)
 
-    def receive(self) -> tuple[int, list[tuple[str, torch.Tensor]]]:
+    def receive(self, superseded: Callable[[], bool] | None = None) -> tuple[int, list[tuple[str, torch.Tensor]]]:
         """Blocks for the next broadcast (up to `next_version_wait_s`; the buckets that follow its header within
         the group's timeout); returns (version, weights), or (STOP_VERSION or REFORM_VERSION, []).
 
+        While it waits for the header, `superseded()` is asked every second: when it is true (the learner has
+        announced a newer group with this generator in it) the wait ends with GroupSuperseded. A learner that
+        dies closes its connections and ends the wait by itself; one cut off by the network does not (its
+        FIN never arrives), and without this the generator waited in the old group for `next_version_wait_s`
+        while the restarted learner's new group timed out without it (found by tests/multihost).
+
         The weights are views into this receiver's buffers: load (copy) them before calling again."""
         header = torch.zeros(2, dtype=torch.int64, device=self.device)
-        _broadcast(self.group, header, timeout_s=self.next_version_wait_s)  # the learner may be mid-step
+        work = _broadcast(self.group, header, wait=False, timeout_s=self.next_version_wait_s)  # learner mid-step
+        asked = time.monotonic()
+        while superseded is not None and not work.is_completed():
+            if time.monotonic() - asked >= SUPERSEDED_POLL_S:
+                asked = time.monotonic()
+                if superseded():
+                    with contextlib.suppress(Exception):  # frees the pending wait where gloo supports it
+                        self.group.abort()
+                    raise GroupSuperseded(f"a newer weight-sync group replaced {self.ann.session[:8]}")
+            time.sleep(0.01)
+        work.wait()
         version, n_buckets = int(header[0]), int(header[1])
         if version in (STOP_VERSION, REFORM_VERSION):
             return version, []

@@ -99,13 +99,17 @@ class Stack:
             assert reward_replicas == 1, "one reward host"
         redis_host = self.hosts["redis"].addr if net is not None else "127.0.0.1"
         reward_host = self.hosts["reward"].addr if net is not None else "127.0.0.1"
+        # Off loopback Redis refuses clients without a password (protected mode), as a deployment's does.
+        self.redis_password = "orz-multihost" if net is not None else None
         self.redis = EmbeddedRedis(port=6379 if net is not None else free_port(), workdir=str(tmp / "redis"),
                                    appendonly=True, host=redis_host,
-                                   launcher=self.hosts["redis"].prefix if net is not None else ())
+                                   launcher=self.hosts["redis"].prefix if net is not None else (),
+                                   extra_args=("--requirepass", self.redis_password) if net is not None else ())
         self.reward_ports = [8600] if net is not None else [free_port() for _ in range(reward_replicas)]
         settings = {
             "run_dir": str(tmp / "runs"), "run_name": name,
-            "redis": {"url": self.redis.url, "claim_idle_ms": 3000, "reclaim_every_s": 1.0, "retry_s": 60},
+            "redis": {"url": self.redis.url, "claim_idle_ms": 3000, "reclaim_every_s": 1.0, "retry_s": 60,
+                      "password": self.redis_password},
             "reward": {"url": ",".join(f"http://{reward_host}:{p}" for p in self.reward_ports), "host": reward_host,
                        "port": self.reward_ports[0], "request_timeout_s": 5.0, "retry_s": 120},
             "learner": {"total_steps": steps, "batch_prompts": batch, "n_samples": 4, "wait_timeout_s": 300},
@@ -170,7 +174,7 @@ class Stack:
 
     # --- observing ---------------------------------------------------------------------------------------
     def client(self):
-        return connect(self.redis.url, socket_timeout_s=10.0)
+        return connect(self.redis.url, socket_timeout_s=10.0, password=self.redis_password)
 
     def records(self) -> list[dict]:
         path = self.run / "metrics.jsonl"
