@@ -58,8 +58,10 @@ def test_sampled_logprobs_match_a_forward_pass(model_dir: Path, prompts: list[li
 def test_greedy_matches_transformers_generate(model_dir: Path, prompts: list[list[int]]) -> None:
     engine = TransformersEngine(model_dir, seed=0)
     hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    greedy = SamplingParams(0.0, 1.0, 16)
-    nucleus_of_one = SamplingParams(1.0, 1e-9, 16)  # top-p this small keeps only the most likely token
+    # No stop string: transformers' generate stops only at EOS (the tiny model's guesses end at </answer>
+    # within 16 tokens, where the default stop would cut ours short).
+    greedy = SamplingParams(0.0, 1.0, 16, ())
+    nucleus_of_one = SamplingParams(1.0, 1e-9, 16, ())  # top-p this small keeps only the most likely token
     outs = engine.generate(prompts, [greedy, nucleus_of_one] * (len(prompts) // 2), [1] * len(prompts))
     eos = engine.tokenizer.eos_token_id
     for prompt, comps in zip(prompts, outs):
