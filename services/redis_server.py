@@ -223,7 +223,8 @@ class EmbeddedRedis:
         self.extra_args = tuple(extra_args)
         self.die_with_parent = die_with_parent and sys.platform.startswith("linux")
         # A given `workdir` is kept (a restart with `appendonly` reloads the AOF from it); else a temporary one.
-        self.keep_dir = workdir
+        # Absolute: redis-server changes into --dir before it opens --logfile, so a relative path would break.
+        self.keep_dir = os.path.abspath(workdir) if workdir is not None else None
         self.appendonly = appendonly
         # `host`: the address it binds (loopback unless a test gives it a host of its own, a network namespace
         # entered through `launcher`, e.g. `ip netns exec NS`).
