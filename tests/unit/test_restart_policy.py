@@ -58,3 +58,12 @@ def test_never_ends_the_run_at_the_first_death_with_the_hint() -> None:
     with pytest.raises(StackError, match=r"^learner exited with code -9:\nlast log line\nresume with"):
         sup.poll(child, give_up=lambda msg: msg + "\nresume with orz up --resume")
     assert child.starts == 1 and sup.restarts == {}
+
+
+def test_the_resume_hint_repeats_the_command_with_resume(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.stack import _resume_hint
+
+    monkeypatch.setattr("sys.argv", ["/venv/bin/orz", "up", "-c", "configs/orz 7b.yaml", "--set", "a.b=1"])
+    assert _resume_hint().endswith("orz up --resume -c 'configs/orz 7b.yaml' --set a.b=1")
+    monkeypatch.setattr("sys.argv", ["/venv/bin/orz", "up", "--resume", "-c", "x.yaml"])
+    assert _resume_hint().endswith("orz up --resume -c x.yaml")  # not twice
