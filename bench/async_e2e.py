@@ -19,30 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
+
+from orz_up import orz_up
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_once(run_dir: Path, name: str, staleness: int, steps: int, config: Path, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "services.cli", "up", "--config", str(config), "--skip-eval",
-           "--set", f"run_dir={run_dir}", "--set", f"run_name={name}", "--set", f"learner.total_steps={steps}",
-           "--set", f"learner.max_staleness={staleness}", "--set", "learner.checkpoint_every=0"]
-    for pair in extra:
-        cmd += ["--set", pair]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORZ__")}
-    t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600, check=False)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        raise SystemExit(f"orz up ({name}) failed with exit code {proc.returncode}")
+    wall_s = orz_up(config, run_dir, name, [f"learner.total_steps={steps}", f"learner.max_staleness={staleness}",
+                                            "learner.checkpoint_every=0", *extra], skip_eval=True)
     records = [json.loads(x) for x in (run_dir / name / "metrics.jsonl").read_text().splitlines()]
-    return summarize(records, time.time() - t0)
+    return summarize(records, wall_s)
 
 
 def generator_busy(first: dict, last: dict) -> float | None:

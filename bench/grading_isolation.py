@@ -34,6 +34,7 @@ sys.path.append(str(Path(__file__).resolve().parent))  # last: the packages keep
 
 from answer_forms import generate  # noqa: E402
 from math_verify import parse, verify  # noqa: E402
+from readme_block import replace_block  # noqa: E402
 from reward import http  # noqa: E402
 
 from services.metrics import free_port, wait_healthy  # noqa: E402
@@ -94,7 +95,6 @@ def run_mode(name: str, pairs: list, plain: list[bool], clients: int, batch: int
             "differences_by_kind": dict(differ)}
 
 
-START, END = "<!-- isolation:start -->", "<!-- isolation:end -->"
 LABELS = {"unsealed": "no descriptor seal (address-space cap only)",
           "seal": "descriptor seal alone (the server before the fix)",
           "seal_watch": "seal + watch, modules not loaded first",
@@ -115,10 +115,7 @@ def table(doc: dict) -> str:
 
 
 def render_readme(doc: dict) -> None:
-    readme = ROOT / "README.md"
-    head, rest = readme.read_text().split(START, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{table(doc)}\n{END}{tail}")
+    replace_block("isolation", table(doc))
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ from services.memplan import GB, QWEN25, LearnerSetting, ModelShape, learner_mem
 
 sys.path.append(str(Path(__file__).resolve().parent))  # once the packages are imported: bench/learner.py is not one
 import random_ppo  # noqa: E402
+from readme_block import replace_block  # noqa: E402
 
 SHAPES = {
     "20m": ModelShape("20M", 32_000, 256, 1024, 4, 4, 2),
@@ -154,7 +155,6 @@ def _available_gb() -> float:
     return info["MemAvailable"] * 1024 / GB * 0.85
 
 
-START, END = "<!-- learner-memory:start -->", "<!-- learner-memory:end -->"
 
 
 def table(doc: dict) -> str:
@@ -217,10 +217,7 @@ def main() -> None:
 
 
 def render_readme(doc: dict) -> None:
-    readme = ROOT / "README.md"
-    head, rest = readme.read_text().split(START, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{table(doc)}\n{END}{tail}")
+    replace_block("learner-memory", table(doc))
 
 
 if __name__ == "__main__":

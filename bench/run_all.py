@@ -18,9 +18,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from readme_block import replace_block
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def _f(x: float, digits: int = 2) -> str:
@@ -146,15 +147,6 @@ def table(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def render_readme(doc: dict, readme: Path) -> None:
-    text = readme.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{readme} has no {START} … {END} markers")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{table(doc)}\n{END}{tail}")
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", help="comma-separated benchmark names: " + ",".join(BENCHES))
@@ -181,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
             RESULTS.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(doc, indent=1) + "\n")  # partial results survive an interruption
     if args.readme:
-        render_readme(doc, ROOT / "README.md")
+        replace_block("bench", table(doc))
     print(json.dumps(doc, indent=1))
     return doc
 

@@ -20,15 +20,15 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from orz_up import orz_up  # noqa: E402
+from readme_block import replace_block  # noqa: E402
+
 from learner.plot import plot_comparison  # noqa: E402
 
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -43,29 +43,19 @@ COMPARISONS = {"estimator": ["default", "grpo"], "staleness": ["s0", "default", 
                "is_correction": ["default", "none"]}
 FIGURES = ("reward_first", "reward_last", "length_first", "length_last", "heldout_base", "heldout_trained",
            "staleness_mean", "wall_s")
-START, END = "<!-- tiny-comparisons:start -->", "<!-- tiny-comparisons:end -->"
 
 
 def run_once(run_dir: Path, variant: str, seed: int, config: Path) -> dict:
     name = f"{variant}-s{seed}"
-    cmd = [sys.executable, "-m", "services.cli", "up", "--config", str(config),
-           "--set", f"run_dir={run_dir}", "--set", f"run_name={name}", "--set", "learner.checkpoint_every=0",
-           "--set", f"learner.seed={seed}", "--set", f"generator.seed={seed}"]
-    for pair in VARIANTS[variant][1]:
-        cmd += ["--set", pair]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORZ__")}
-    t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600, check=False)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        raise SystemExit(f"orz up ({name}) failed with exit code {proc.returncode}")
+    wall_s = orz_up(config, run_dir, name, ["learner.checkpoint_every=0", f"learner.seed={seed}",
+                                            f"generator.seed={seed}", *VARIANTS[variant][1]])
     summary = json.loads((run_dir / name / "summary.json").read_text())
     return {
         "variant": variant, "seed": seed, "run": str(run_dir / name),
         "reward_first": summary["reward_first_steps"], "reward_last": summary["reward_last_steps"],
         "length_first": summary["response_len_first_steps"], "length_last": summary["response_len_last_steps"],
         "heldout_base": summary["base_accuracy"], "heldout_trained": summary["trained_accuracy"],
-        "staleness_mean": summary["staleness_mean"], "wall_s": round(time.time() - t0, 1),
+        "staleness_mean": summary["staleness_mean"], "wall_s": round(wall_s, 1),
     }
 
 
@@ -129,12 +119,6 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def render_readme(doc: dict) -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(head + START + "\n" + markdown(doc) + "\n" + END + tail)
 
 
 def main() -> None:
@@ -165,7 +149,7 @@ def main() -> None:
         out = ROOT / "bench" / "results" / doc["file"]
         out.write_text(json.dumps(doc, indent=2))
     if args.readme:
-        render_readme(doc)
+        replace_block("tiny-comparisons", markdown(doc))
     print(json.dumps(doc["variants"], indent=2))
 
 
