@@ -398,6 +398,7 @@ class Learner:
             if metrics_path.exists() else []
         metrics_file = metrics_path.open("a")
         dropped_total = history[-1]["dropped_stale_total"] if history else 0
+        resumable_exit = False  # stopping to be resumed: generators must wait for the next group, not stop
         try:
             while self.step < lc.total_steps:
                 step = self.step + 1
@@ -452,6 +453,7 @@ class Learner:
             # Every call already retried for redis.retry_s: Redis is gone, or this host is cut off from it.
             log.error("Redis unreachable for longer than redis.retry_s (%g s) during step %d (%s): stopping; "
                       "--resume continues from the newest checkpoint", self.cfg.redis.retry_s, self.step + 1, exc)
+            resumable_exit = True
             raise SystemExit(3) from None
         finally:
             parallel.send_command(self.dp, parallel.CMD_STOP)
@@ -459,7 +461,7 @@ class Learner:
                 plot_curves(history, self.run_path / "curves.png")
             metrics_file.close()
             self.feeder.close()
-            self.weights.stop()
+            self.weights.stop(for_good=not resumable_exit)
             server.close()
             parallel.close(self.dp)
 

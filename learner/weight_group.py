@@ -145,7 +145,9 @@ class WeightGroup:
             self.sender.stop(REFORM_VERSION)
         self.sender, self.members, self.sent_version = None, (), -1
 
-    def stop(self) -> None:
+    def stop(self, for_good: bool = True) -> None:
+        """Closes the group: for good (generators stop listening), or, when this learner is going away to be
+        resumed (it lost Redis), with a re-form header so generators wait for the next learner's group."""
         if self.sender is not None:
-            self.sender.stop()
+            self.sender.stop() if for_good else self.sender.stop(REFORM_VERSION)
         self.sender, self.members = None, ()

@@ -72,8 +72,10 @@ def test_kill_and_resume_trains_the_same_tasks_once(tmp_path: Path) -> None:
     _run(_cmd(runs, "whole"))
 
     run = runs / "cut"
-    proc = subprocess.Popen(_cmd(runs, "cut"), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    # `stack.restart: never`: this is the manual path (the supervisor's automatic restart is
+    # tests/e2e/test_supervise.py); orz up ends and says how to resume.
+    proc = subprocess.Popen(_cmd(runs, "cut", "--set", "stack.restart=never"), cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killed_after = None
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
@@ -89,6 +91,7 @@ def test_kill_and_resume_trains_the_same_tasks_once(tmp_path: Path) -> None:
     assert killed_after is not None, out[-4000:]
     assert killed_after < 2 * N and not (run / "DONE").exists(), "the run finished before it could be killed"
     assert proc.returncode != 0  # the stack noticed its learner died and stopped
+    assert "The run can be resumed from its newest checkpoint: orz up --resume --skip-eval" in out, out[-3000:]
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{N:06d}"
     assert not list((run / "checkpoints").glob(".tmp-*"))
 
