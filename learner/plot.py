@@ -9,12 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-
-def window_means(history: list[dict], key: str, window: int = 10) -> tuple[float, float]:
-    """Mean of `key` over the first and the last `window` steps (fewer when the run is short)."""
-    k = max(1, min(window, len(history) // 2))
-    values = [r[key] for r in history]
-    return sum(values[:k]) / k, sum(values[-k:]) / k
+from services.metrics import window_means, window_steps  # noqa: E402
 
 
 def plot_curves(history: list[dict], out: Path) -> None:
@@ -24,7 +19,7 @@ def plot_curves(history: list[dict], out: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     panels = (("reward_mean", "mean reward (accuracy of samples)"), ("response_len_mean", "response length (tokens)"),
               ("staleness_mean", "staleness (versions)"))
-    k = max(1, min(10, len(history) // 2))
+    k = window_steps(len(history))
     for ax, (key, title) in zip(axes, panels):
         ax.plot(steps, [r[key] for r in history], marker=".", linewidth=1)
         if key != "staleness_mean" and history:

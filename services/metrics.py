@@ -35,6 +35,18 @@ def wait_healthy(base_url: str, timeout_s: float, proc: subprocess.Popen | None 
         time.sleep(0.2)
 
 
+def window_steps(n_steps: int, window: int = 10) -> int:
+    """Steps in each of the first/last windows a run's summary compares: `window`, or half a short run."""
+    return max(1, min(window, n_steps // 2))
+
+
+def window_means(history: list[dict], key: str, window: int = 10) -> tuple[float, float]:
+    """Mean of `key` over the first and the last `window_steps` records (`orz up`'s summary and its plot)."""
+    k = window_steps(len(history), window)
+    values = [r[key] for r in history]
+    return sum(values[:k]) / k, sum(values[-k:]) / k
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))

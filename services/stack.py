@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from services.config import Config
 from services.config_io import config_to_env
-from services.metrics import free_port
+from services.metrics import free_port, window_means, window_steps
 from services.queue import Keys
 from services.redis_server import EmbeddedRedis, connect_cfg
 from services.supervise import Child, RedisChild, StackError, Supervisor
@@ -227,15 +227,14 @@ def _accounting(ledger: Path) -> dict:
 def _summary(history: list[dict], train_wall_s: float) -> dict:
     if not history:
         return {"steps": 0}
-    k = max(1, min(10, len(history) // 2))
     tokens = sum(r["response_len_mean"] * len(r["task_ids"]) for r in history)
+    reward_first, reward_last = window_means(history, "reward_mean")
+    len_first, len_last = window_means(history, "response_len_mean")
     return {
         "steps": len(history),
-        "window_steps": k,
-        "reward_first_steps": sum(r["reward_mean"] for r in history[:k]) / k,
-        "reward_last_steps": sum(r["reward_mean"] for r in history[-k:]) / k,
-        "response_len_first_steps": sum(r["response_len_mean"] for r in history[:k]) / k,
-        "response_len_last_steps": sum(r["response_len_mean"] for r in history[-k:]) / k,
+        "window_steps": window_steps(len(history)),
+        "reward_first_steps": reward_first, "reward_last_steps": reward_last,
+        "response_len_first_steps": len_first, "response_len_last_steps": len_last,
         "learner_step_s_mean": sum(r["step_time_s"] for r in history) / len(history),
         "learner_train_s_mean": sum(r["train_s"] for r in history) / len(history),
         "train_phase_s": round(train_wall_s, 1),

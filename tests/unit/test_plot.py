@@ -23,7 +23,8 @@ def test_panels_follow_the_runs(tmp_path: Path) -> None:
 
 
 def test_first_and_last_ten_steps_are_what_the_plot_and_the_summary_report(tmp_path: Path) -> None:
-    from learner.plot import plot_curves, window_means
+    from learner.plot import plot_curves
+    from services.metrics import window_means
     from services.stack import _summary
 
     history = [{"step": i, "reward_mean": 0.25 if i <= 50 else 0.75, "response_len_mean": float(i),
