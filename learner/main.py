@@ -331,8 +331,10 @@ class Learner:
         log.warning("after the Redis restart: %d in-flight prompt(s) were in neither stream and were fed again "
                     "(%.2f s)", len(lost), time.time() - t0)
 
-    def unaccounted(self) -> list[str]:
-        """In-flight tasks (fed, not trained, not in this step's hands) found in neither stream: lost."""
+    def unaccounted(self, in_hand: bool = False) -> list[str]:
+        """In-flight tasks (fed, not trained, not in this step's hands) found in neither stream: lost.
+        `in_hand`: count this step's tasks too (a stop mid-step: they were read, never trained, and their
+        entries stay unacknowledged in the trajectory stream)."""
         present: set[str] = set()
         for stream, cls in ((self.keys.prompts, PromptTask), (self.keys.trajectories, TrajectoryGroup)):
             for _, fields in self.redis.xrange(stream):
@@ -340,7 +342,7 @@ class Learner:
                     present.add(cls.from_bytes(fields[b"m"]).task_id)
                 except (KeyError, ProtocolError):
                     pass  # junk: the consumer dead-letters it when it reads it
-        return [t for t in self.feeder.pending if t not in self.consumed and t not in present]
+        return [t for t in self.feeder.pending if (in_hand or t not in self.consumed) and t not in present]
 
     def _reclaim_own(self) -> list[tuple[str, TrajectoryGroup]]:
         """Entries delivered to the learner whose reply it never saw (the connection broke mid-reply and the
@@ -467,10 +469,12 @@ class Learner:
 
     def _write_accounting(self, path: Path) -> None:
         """Where every task stands when the learner ends (DONE) or is stopped (STOPPED): the tasks still in
-        flight, and those of them found in neither stream (lost; the fault-injection tests require none)."""
-        inflight = [t for t in self.feeder.pending if t not in self.consumed]
+        flight, and those of them found in neither stream (lost; the fault-injection tests require none).
+        A task is in flight until it is trained or dropped (the feeder's `pending`), including those a step
+        interrupted by the stop had read into its batch (`consumed`, but never trained)."""
+        inflight = list(self.feeder.pending)
         try:
-            unaccounted = self.unaccounted()
+            unaccounted = self.unaccounted(in_hand=True)
         except Exception as exc:  # Redis gone at shutdown: say so rather than claim all is well
             unaccounted = [f"unknown: {exc}"]
         path.write_text(json.dumps({

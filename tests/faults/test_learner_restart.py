@@ -14,6 +14,8 @@ import time
 import pytest
 from harness import Stack, check_accounting, write_report
 
+from services.protocol import TrajectoryGroup
+
 CKPT = 10
 
 
@@ -50,3 +52,37 @@ def test_learner_killed_and_resumed_alone(tmp_path) -> None:
         "checkpoint_every": CKPT, "steps_at_kill": steps_at_kill, "resumed_from_step": resumed_from,
         "steps_redone": steps_at_kill - resumed_from, "kill_to_restart_s": round(t_restart - t_kill, 1),
         "restart_to_first_step_s": round(first - t_restart, 1), **counts})
+
+
+@pytest.mark.slow
+def test_learner_stopped_mid_batch_keeps_the_batch_in_flight(tmp_path) -> None:
+    """SIGTERM while a step has read part of its batch: those groups were never trained, so STOPPED lists their
+    tasks in flight (their entries stay unacknowledged in the trajectory stream) and the accounting is exact.
+    The generator is paused (SIGSTOP) so the stop lands with the batch part-read, not by luck."""
+    batch = 8
+    with Stack(tmp_path, "midbatch", steps=1000, batch=batch, generators=1) as stack:
+        stack.wait_steps(2)
+        gen, client = stack.generators[0], stack.client()
+        in_hand: list[str] = []
+        deadline = time.time() + 180
+        while not in_hand and time.time() < deadline:
+            gen.signal(signal.SIGSTOP)
+            steps = len(stack.records())
+            time.sleep(1.0)  # the learner reads what the generator pushed before it paused
+            pending = client.xpending_range(stack.keys.trajectories, "learner", min="-", max="+", count=batch)
+            if 0 < len(pending) < batch and len(stack.records()) == steps:
+                ids = [p["message_id"] for p in pending]
+                in_hand = [
+                    TrajectoryGroup.from_bytes(client.xrange(stack.keys.trajectories, i, i)[0][1][b"m"]).task_id
+                    for i in ids
+                ]
+                break
+            gen.signal(signal.SIGCONT)
+            time.sleep(0.3)
+        assert in_hand, "never caught the learner with a part-read batch"
+        stack.stop_learner()
+        gen.signal(signal.SIGCONT)
+        counts = check_accounting(stack, final="STOPPED")
+        stopped = json.loads((stack.run / "STOPPED").read_text())
+    assert set(in_hand) <= set(stopped["inflight"]), (in_hand, stopped["inflight"])
+    assert counts["inflight"] >= len(in_hand)
