@@ -35,7 +35,7 @@ from services.metrics import MetricsServer
 from services.protocol import PromptTask, ProtocolError, Sample, SamplingParams, TrajectoryGroup, WeightsAnnouncement
 from services.queue import Keys, StreamQueue
 from services.redis_server import connect_cfg
-from services.weight_sync import REFORM_VERSION, STOP_VERSION, WeightReceiver, layout_digest
+from services.weight_sync import PROBE_VERSION, REFORM_VERSION, STOP_VERSION, WeightReceiver, layout_digest
 
 if TYPE_CHECKING:
     from generator.hf_engine import TransformersEngine
@@ -168,6 +168,8 @@ class WeightListener(threading.Thread):
                     if version == REFORM_VERSION:
                         log.info("weight-sync membership changed; re-joining")
                         break
+                    if version == PROBE_VERSION:  # the learner timed this link; nothing to load
+                        continue
                     with self._lock:
                         self._released.clear()
                         self._pending = (version, weights)

@@ -94,6 +94,8 @@ class LearnerMetrics:
                                       registry=r)
         self.refed_lost = Counter("orz_learner_refed_lost_prompts", "in-flight prompts found in neither stream "
                                   "after a Redis restart, fed again", registry=r)
+        self.slow_peers = Counter("orz_learner_slow_peers_left_out", "generators left out of weight sync for a "
+                                  "slow link (weight_sync.slow_peer_factor)", registry=r)
         self.last_step_ts = Gauge("orz_learner_last_step_timestamp_seconds", "time of the last step", registry=r)
 
 
@@ -241,7 +243,8 @@ class Learner:
     def _weight_group(self) -> WeightGroup:
         # Global shapes without a gather: a DTensor's `shape` is the unsharded one.
         names, shapes = zip(*[(n, tuple(p.shape)) for n, p in self.actor.state_dict().items()])
-        return WeightGroup(self.cfg, self.redis, self.keys, tuple(names), tuple(shapes))
+        return WeightGroup(self.cfg, self.redis, self.keys, tuple(names), tuple(shapes),
+                           on_slow=lambda _: self.metrics.slow_peers.inc())
 
     def _actor_state(self) -> dict[str, torch.Tensor]:
         return parallel.full_state_dict(self.actor, self.dp)
@@ -525,7 +528,7 @@ class Learner:
             "padded_fraction": stats.get("padded_fraction", 0.0),
             "wait_s": t_collected - t_start, "train_s": t_trained - t_collected,
             "broadcast_s": broadcast_s, "step_time_s": time.time() - t_start,
-            "inflight_prompts": self.feeder.inflight,
+            "inflight_prompts": self.feeder.inflight, "weight_sync_members": list(self.weights.members),
             "group_versions": [g.policy_version for g in groups],
             "group_versions_last": [g.policy_version_last for g in groups],
             "generator_ids": sorted({g.generator_id for g in groups}),

@@ -11,6 +11,13 @@ closes the group; the next `sync` forms one for the generators that heartbeat af
 learner and the other members carry on within about one heartbeat period. A member that never joins makes
 formation time out (`weight_sync.timeout_s`); the learner goes on training with the trajectories it has,
 and forms the next group from the generators that heartbeat after that.
+
+One slow link must not hold back every step: a broadcast is as slow as its slowest member, and the learner
+waits for it. A broadcast slower than `weight_sync.slow_broadcast_s` makes the learner time each member's
+link alone (`WeightSender.probe`); a member over `slow_peer_factor` times the fastest is left out of weight
+sync for `slow_peer_cooldown_s` (doubling each time it is, up to 8×). Left out, its weights fall behind, it
+stops taking prompts once they are more than `learner.max_staleness` behind (generator/worker.py), and after
+the cooldown it is asked in again.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import json
 import logging
 import time
 import uuid
+from collections import Counter
+from collections.abc import Callable
 
 import torch
 
@@ -30,10 +39,13 @@ from services.weight_sync import REFORM_VERSION, WeightSender, layout_digest, re
 
 log = logging.getLogger("orz.learner")
 
+PROBE_BYTES = 64 * 1024  # each member's link is timed with a round trip of this size
+SLOW_PEER_MIN_S = 0.1  # a round trip under this is never slow, however it compares (jitter on fast links)
+
 
 class WeightGroup:
     def __init__(self, cfg: Config, redis, keys: Keys, names: tuple[str, ...], shapes: tuple[tuple[int, ...], ...],
-                 retry_s: float = 10.0) -> None:
+                 retry_s: float = 10.0, on_slow: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
         self.redis = redis
         self.keys = keys
@@ -52,6 +64,9 @@ class WeightGroup:
         # group. The dead member's heartbeat stays fresh for up to 3 periods; asking it in would make formation
         # wait the whole `weight_sync.timeout_s` for a process that is gone. Live generators beat every period.
         self._broken_at: float | None = None
+        self.left_out: dict[str, float] = {}  # slow members, and until when they stay out of weight sync
+        self._slow_count: Counter[str] = Counter()
+        self.on_slow = on_slow
 
     def live(self) -> tuple[str, ...]:
         """Generators whose heartbeat is fresher than 3 heartbeat periods and whose model layout (names and
@@ -69,6 +84,8 @@ class WeightGroup:
                 continue
             if self._broken_at is not None and float(beat["ts"]) <= self._broken_at:
                 continue  # not heard from since a broadcast failed: the member that broke it, until it beats again
+            if self.left_out.get(gid, 0.0) > now:
+                continue  # a slow link, left out until its cooldown ends
             layout = beat.get("layout")
             if fresh and layout is not None and layout != self.layout:
                 if gid not in self.refused:
@@ -99,7 +116,34 @@ class WeightGroup:
             self._broken_at = time.time()
             return None
         self.sent_version = version
+        ws = self.cfg.weight_sync
+        if ws.slow_broadcast_s and seconds > ws.slow_broadcast_s and len(self.members) > 1:
+            self._leave_out_slow(version, seconds)
         return seconds
+
+    def _leave_out_slow(self, version: int, seconds: float) -> None:
+        """Times each member's link; leaves out of weight sync those much slower than the fastest."""
+        ws = self.cfg.weight_sync
+        try:
+            by_rank = self.sender.probe(PROBE_BYTES)
+        except Exception as exc:  # a member died or hung mid-probe: as a failed broadcast
+            log.warning("weight-sync probe after v%d failed (%s); re-forming the group", version, exc)
+            self._close()
+            self._broken_at = time.time()
+            return
+        rtt = {self.members[rank - 1]: t for rank, t in by_rank.items()}
+        fastest = min(rtt.values())
+        slow = [g for g, t in rtt.items() if t > ws.slow_peer_factor * fastest and t > SLOW_PEER_MIN_S]
+        log.info("broadcast of v%d took %.1f s; link round trips (%d KiB): %s", version, seconds,
+                 PROBE_BYTES // 1024, ", ".join(f"{g} {t * 1000:.0f} ms" for g, t in sorted(rtt.items())))
+        for gid in slow:
+            self._slow_count[gid] += 1
+            cooldown = ws.slow_peer_cooldown_s * 2 ** min(self._slow_count[gid] - 1, 3)
+            self.left_out[gid] = time.time() + cooldown
+            log.warning("generator %s has a slow weight-sync link (%.0f ms round trip, the fastest member %.0f ms): "
+                        "left out of weight sync for %.0f s", gid, rtt[gid] * 1000, fastest * 1000, cooldown)
+            if self.on_slow is not None:
+                self.on_slow(gid)
 
     def _form(self, live: tuple[str, ...]) -> None:
         self._close()

@@ -234,6 +234,14 @@ class WeightSyncConfig(_Section):
     bucket_mb: int = Field(256, description="flat broadcast bucket size")
     timeout_s: float = Field(
         60.0, description="forming a group and each collective; a member that neither joins nor answers is dropped")
+    slow_broadcast_s: float = Field(
+        1.0, description="a broadcast slower than this times each member's link (a 64 KiB round trip, one member "
+        "at a time); 0: never")
+    slow_peer_factor: float = Field(
+        8.0, description="a member whose round trip is over this many times the fastest member's (and over "
+        "0.1 s) is left out of weight sync for slow_peer_cooldown_s, so one slow link does not hold back every step")
+    slow_peer_cooldown_s: float = Field(
+        120.0, description="how long a slow member is left out; doubles each time the same member is, up to 8×")
 
 
 class StackConfig(_Section):
@@ -345,6 +353,8 @@ _RANGES: dict[str, tuple[Any, Any]] = {
     "learner.gamma": (0, 1), "learner.lam": (0, 1), "learner.lr_final_fraction": (0, 1),
     "learner.is_cap": (1, None), "learner.metrics_port": (0, 65535),
     "weight_sync.port": (0, 65535), "weight_sync.bucket_mb": (1, None), "weight_sync.timeout_s": (("gt", 0), None),
+    "weight_sync.slow_broadcast_s": (0, None), "weight_sync.slow_peer_factor": (("gt", 1), None),
+    "weight_sync.slow_peer_cooldown_s": (0, None),
     "stack.max_restarts": (0, None), "stack.restart_backoff_s": (0, None), "stack.restart_backoff_max_s": (0, None),
     "eval.temperature": (0, 10), "eval.samples": (1, None), "eval.max_tokens": (1, None),
 }

@@ -7,7 +7,8 @@ parallelism. The learner is rank 0 and hosts the store; generators take ranks 1.
 Parameters are flattened into buckets of at most `bucket_bytes` (one collective per bucket, never one per
 parameter — per-parameter calls are a known cause of slow syncs in peers' weight updates). Each
 broadcast is preceded by a small header `[version, n_buckets]`; version −1 tells receivers to stop, −2 to
-leave this group and join the next one announced (the membership changed: learner/weight_group.py).
+leave this group and join the next one announced (the membership changed: learner/weight_group.py), −3 that
+the learner times each member's link with a point-to-point round trip (`WeightSender.probe`).
 The layout (names, shapes, dtype, bucket size) travels once, in the `WeightsAnnouncement` kept in Redis.
 
 Buffers are allocated once and reused: a fresh multi-hundred-MB host buffer per bucket costs its page faults
@@ -37,6 +38,9 @@ log = logging.getLogger("orz.weight_sync")
 
 STOP_VERSION = -1  # header version: the learner closes the group for good
 REFORM_VERSION = -2  # header version: membership changed; join the group of the next announcement
+PROBE_VERSION = -3  # header version: echo the probe buffer back to rank 0 (header[1]: its elements)
+PROBE_TAG = 7
+MAX_PROBE_ELEMS = 2**24  # a receiver refuses a probe header asking for more (64 MB)
 
 
 def layout_digest(names: Iterable[str], shapes: Iterable[tuple[int, ...]]) -> str:
@@ -178,6 +182,25 @@ class WeightSender:
                     work.wait()
         return time.time() - t0
 
+    def probe(self, nbytes: int) -> dict[int, float]:
+        """Seconds of a `nbytes` round trip (rank 0 → member → rank 0) to each member in turn, by rank.
+
+        A broadcast is as slow as its slowest member, and its time alone does not say which member that is
+        (every member's buckets are paced by the slowest); one member at a time, each link is timed alone.
+        Every collective keeps the group's timeout, so a member that does not answer raises like a failed
+        broadcast."""
+        assert self.group is not None, "connect() first"
+        elems = max(1, nbytes // 4)
+        _broadcast(self.group, torch.tensor([PROBE_VERSION, elems], dtype=torch.int64, device=self.device))
+        buf = torch.zeros(elems, dtype=torch.float32, device=self.device)
+        out: dict[int, float] = {}
+        for rank in range(1, self.ann.world_size):
+            t0 = time.perf_counter()
+            self.group.send([buf], rank, PROBE_TAG).wait()
+            self.group.recv([buf], rank, PROBE_TAG).wait()
+            out[rank] = time.perf_counter() - t0
+        return out
+
     def stop(self, version: int = STOP_VERSION) -> None:
         """Closes the group; receivers see `version` (STOP_VERSION: for good; REFORM_VERSION: a new group
         follows). Best effort: a receiver may already be gone."""
@@ -215,7 +238,8 @@ class WeightReceiver:
 
     def receive(self, superseded: Callable[[], bool] | None = None) -> tuple[int, list[tuple[str, torch.Tensor]]]:
         """Blocks for the next broadcast (up to `next_version_wait_s`; the buckets that follow its header within
-        the group's timeout); returns (version, weights), or (STOP_VERSION or REFORM_VERSION, []).
+        the group's timeout); returns (version, weights), or (STOP_VERSION or REFORM_VERSION, []), or
+        (PROBE_VERSION, []) once it has echoed the learner's probe.
 
         While it waits for the header, `superseded()` is asked every second: when it is true (the learner has
         announced a newer group with this generator in it) the wait ends with GroupSuperseded. A learner that
@@ -238,6 +262,13 @@ class WeightReceiver:
         work.wait()
         version, n_buckets = int(header[0]), int(header[1])
         if version in (STOP_VERSION, REFORM_VERSION):
+            return version, []
+        if version == PROBE_VERSION:
+            if not 0 < n_buckets <= MAX_PROBE_ELEMS:
+                raise RuntimeError(f"probe of {n_buckets} elements is outside 1..{MAX_PROBE_ELEMS}")
+            buf = torch.empty(n_buckets, dtype=torch.float32, device=self.device)
+            self.group.recv([buf], 0, PROBE_TAG).wait()
+            self.group.send([buf], 0, PROBE_TAG).wait()
             return version, []
         if n_buckets != len(self.buckets):
             raise RuntimeError(f"sender uses {n_buckets} buckets, this layout has {len(self.buckets)}")

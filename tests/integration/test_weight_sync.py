@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from services.metrics import free_port
 from services.protocol import WeightsAnnouncement
-from services.weight_sync import STOP_VERSION, WeightReceiver, WeightSender, bucket_layout
+from services.weight_sync import PROBE_VERSION, STOP_VERSION, WeightReceiver, WeightSender, bucket_layout
 
 
 def _params(seed: int) -> dict[str, torch.Tensor]:
@@ -43,6 +43,9 @@ def _receiver(raw: bytes, rank: int, out_dir: str) -> None:
         version, weights = receiver.receive()
         if version == STOP_VERSION:
             break
+        if version == PROBE_VERSION:  # echoed the learner's round trip; nothing to save
+            Path(f"{out_dir}/rank{rank}-probed").touch()
+            continue
         # Results go back through files (safetensors), not pickled queues.
         save_file({n: t.contiguous() for n, t in weights}, f"{out_dir}/rank{rank}-v{version}.safetensors")
 
@@ -65,6 +68,9 @@ def test_broadcast_reaches_every_generator_rank(bucket_bytes: int, tmp_path: Pat
     sent = {1: _params(1), 2: _params(2)}
     for version, params in sent.items():
         sender.send(version, params)
+        if version == 1:  # a link probe between two versions: each member echoes it, then v2 arrives intact
+            rtt = sender.probe(64 * 1024)
+            assert sorted(rtt) == [1, 2] and all(0 < t < 10 for t in rtt.values()), rtt
     sender.stop()
     for p in procs:
         p.join(60)
@@ -73,7 +79,7 @@ def test_broadcast_reaches_every_generator_rank(bucket_bytes: int, tmp_path: Pat
     assert len(sender.buckets) == (1 if bucket_bytes > 10_000 else 3)
     for rank in (1, 2):
         files = sorted(f.name for f in tmp_path.glob(f"rank{rank}-*"))
-        assert files == [f"rank{rank}-v1.safetensors", f"rank{rank}-v2.safetensors"]
+        assert files == [f"rank{rank}-probed", f"rank{rank}-v1.safetensors", f"rank{rank}-v2.safetensors"]
         for version in (1, 2):
             weights = load_file(str(tmp_path / f"rank{rank}-v{version}.safetensors"))
             assert set(weights) == set(sent[version])
