@@ -117,13 +117,17 @@ def rows(reports: dict[str, dict]) -> list[tuple[str, str, str, str]]:
         out.append((
             "200 ± 100 ms delay and 5 % frame loss on a generator's link (`tests/multihost`, a user-space "
             "netem: tests/multihost/wire.py)",
-            "training goes on, but slowly: a 2.7 MB broadcast over this link outlasts `weight_sync.timeout_s`, "
-            "so the learner waits that long, re-forms the group, the generator rejoins and the next broadcast "
-            "stalls again (**open**: a slow peer should be dropped from the broadcast, not waited for)",
+            "every broadcast waits for its slowest member: one over `weight_sync.slow_broadcast_s` makes the "
+            f"learner time each member's link alone (64 KiB round trip: {r['gen0_round_trip_ms']} ms to the "
+            f"slow generator, {r['fastest_round_trip_ms']} ms to the other) and leave the slow one out of weight "
+            "sync for `slow_peer_cooldown_s`; its weights fall behind, so it stops taking prompts, and it is "
+            "asked in again after the cooldown",
             _lost(r) + f"; {r['frames_dropped']} frames dropped; the slow generator's share of trained groups "
-            f"{r['gen0_share_before']:g} → {r['gen0_share_during']:g}",
-            f"{r['steps_per_min_before']:g} → {r['steps_per_min_during']:g} steps/min, staleness "
-            f"{r['staleness_before']:g} → {r['staleness_during']:g}"))
+            f"{r['gen0_share_before']:g} → {r['gen0_share_after']:g}",
+            f"left out {r['left_out_after_s']:g} s after the fault; {r['steps_per_min_before']:g} steps/min "
+            f"before, {r['steps_per_min_during']:g} until then, {r['steps_per_min_after']:g} after (without the "
+            "slow-peer check: 10 steps/min throughout); staleness "
+            f"{r['staleness_before']:g} → {r['staleness_after']:g}"))
     if r := reports.get("multihost_learner_cut"):
         out.append((
             "the learner's host cut off from Redis for longer than `redis.retry_s` (`tests/multihost`)",

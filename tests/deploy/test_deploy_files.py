@@ -144,6 +144,8 @@ def test_compose_services_match_the_cli_and_the_config() -> None:
     assert services["learner-gpu"]["networks"]["default"]["aliases"] == ["learner"]
     for name in ("generator", "generator-gpu"):
         assert services[name]["expose"] == [str(CFG.generator.metrics_port)]
+    for name in ("learner-gpu", "generator-gpu"):  # NCCL's interface, named on both ends
+        assert services[name]["environment"]["ORZ__WEIGHT_SYNC__SOCKET_IFNAME"] == "eth0", name
     gpu = services["generator-gpu"]
     assert gpu["profiles"] == ["gpu"] and gpu["image"].startswith("${ORZ_CUDA_IMAGE")
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
@@ -272,6 +274,11 @@ def test_workloads_match_the_cli_config_and_each_other(overlay: str, built: dict
             assert res["limits"]["nvidia.com/gpu"] == count
         assert all(w["spec"]["template"]["spec"]["containers"][0]["image"] == "orz-async:cuda"
                    for n, w in workloads.items() if n != "orz-redis")
+        # NCCL's own interface choice can be one the other pods cannot reach: both ends name the pod's.
+        for name in ("orz-learner", "orz-generator"):
+            container = workloads[name]["spec"]["template"]["spec"]["containers"][0]
+            env = {e["name"]: e.get("value") for e in container["env"]}
+            assert env["ORZ__WEIGHT_SYNC__SOCKET_IFNAME"] == "eth0", name
     else:
         assert workloads["orz-generator"]["spec"]["template"]["spec"]["containers"][0]["image"] == "orz-async:cpu"
 
