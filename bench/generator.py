@@ -25,10 +25,12 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 from transformers import AutoTokenizer  # noqa: E402
 
 from services.config_io import config_to_env, load_config  # noqa: E402
+from services.control import Keys  # noqa: E402
 from services.metrics import free_port, wait_healthy  # noqa: E402
 from services.protocol import PromptTask, SamplingParams, TrajectoryGroup  # noqa: E402
-from services.queue import Keys, StreamQueue  # noqa: E402
-from services.redis_server import EmbeddedRedis, connect  # noqa: E402
+from services.queue import StreamQueue  # noqa: E402
+from services.redis_client import connect  # noqa: E402
+from services.redis_server import EmbeddedRedis  # noqa: E402
 from services.tasks import all_problems, split  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -40,7 +40,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 from services.config_io import load_config  # noqa: E402
 from services.costmodel import QWEN25_7B, R1_DISTILL_15B, CostModel, LengthModel  # noqa: E402
-from services.redis_server import EmbeddedRedis, connect  # noqa: E402
+from services.redis_client import connect  # noqa: E402
+from services.redis_server import EmbeddedRedis  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("orz.simulate")

@@ -30,7 +30,8 @@ import numpy as np  # noqa: E402
 
 from services.protocol import Sample, TrajectoryGroup  # noqa: E402
 from services.queue import StreamQueue  # noqa: E402
-from services.redis_server import EmbeddedRedis, connect  # noqa: E402
+from services.redis_client import connect  # noqa: E402
+from services.redis_server import EmbeddedRedis  # noqa: E402
 
 
 def make_group(rng: np.random.Generator, index: int, samples: int, tokens: int, chars_per_token: int,

@@ -14,11 +14,11 @@ import logging
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from generator.engine_api import Completion
 from services.protocol import SamplingParams
 
 log = logging.getLogger("orz.generator.engine")
@@ -42,12 +42,6 @@ class RotaryReloadFilter(logging.Filter):
 logging.getLogger(RELOAD_LOGGER).addFilter(RotaryReloadFilter())
 
 
-@dataclass(frozen=True)
-class Completion:
-    token_ids: list[int]
-    logprobs: list[float]  # the sampled token's log-prob under the engine's weights (raw, before temperature)
-    finish_reason: str  # "stop" | "length" | "abort"
-    text: str
 
 
 def _prepare_environment(threads: int) -> None:

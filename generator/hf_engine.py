@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from generator.engine import Completion
+from generator.engine_api import Completion
 from services.protocol import SamplingParams
 
 log = logging.getLogger("orz.generator.hf_engine")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from generator.engine import Completion
+from generator.engine_api import Completion
 from generator.reward_client import Grade, GradeItem
 from services.costmodel import CostModel, LengthModel
 from services.protocol import SamplingParams
@@ -60,7 +60,7 @@ class SimEngine:
         self.iterations = 0
         self.preempted = 0
 
-    # -- the engine interface the generator drives (generator/engine.py) ------------------------------------
+    # -- the engine interface the generator drives (generator/engine_api.py) --------------------------------
     def submit(self, rid: str, prompt_ids: list[int], sampling: SamplingParams, n: int) -> None:
         targets = self.lengths.sample(self.rng, n)
         self.requests[rid] = _Request(n, sampling.max_tokens)

@@ -1,6 +1,6 @@
 """Resumable learner checkpoints, written atomically.
 
-Layout of `<run>/checkpoints/step-000040/` (ARCHITECTURE.md, "Data flow", step 5):
+Layout of `<run>/checkpoints/step-000040/` (docs/architecture.md, "One step", 7):
   config.json, model.safetensors, tokenizer files   the actor in Hugging Face format (transformers, vLLM)
   critic/                                           the critic: HF backbone + value_head.safetensors
   trainer_state.pt                                  optimiser and lr-schedule states, RNG states (tensors,

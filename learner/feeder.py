@@ -1,4 +1,4 @@
-"""The feeder: owns the dataset cursor and keeps the prompt stream topped up (ARCHITECTURE.md, step 1).
+"""The feeder: owns the dataset cursor and keeps the prompt stream topped up (docs/architecture.md, "One step", 1).
 
 Admission control (AReaL's rule): at most `max_inflight_prompts` = batch_prompts × (max_staleness + 1)
 prompts are fed and not yet trained or dropped, where a batch counts as trained only once its step is

@@ -1,7 +1,7 @@
 """The decoupled-PPO policy loss and ORZ's clipped value loss, token-level over a padded batch.
 
-Runs in the learner process only; pure tensor functions, no state. Formulas as in ARCHITECTURE.md,
-"Off-policy correction (decoupled PPO)". Three policies meet here: μ, the behaviour policy that sampled
+Runs in the learner process only; pure tensor functions, no state. Formulas as in docs/architecture.md,
+"The loss". Three policies meet here: μ, the behaviour policy that sampled
 the tokens (`behavior_logprobs`, from the generator); π_prox, the learner's weights at the start of the
 step (`proximal_logprobs`); π_θ, the policy being optimised (`logprobs`). All tensors are [B, T] on the
 response grid of learner/batch.py; `mask` is 1 on valid response tokens and is read as 0/1. Every
@@ -34,7 +34,7 @@ def ppo_policy_loss(
     is_correction: str = "token",
 ) -> tuple[Tensor, dict[str, float]]:
     """Decoupled PPO (Hilton et al. 2021, "Batch size-invariance for policy optimization"; AReaL's
-    decoupled PPO), as ARCHITECTURE.md writes it:
+    decoupled PPO), as docs/architecture.md writes it:
 
         r_t = π_θ(a_t|s_t) / π_prox(a_t|s_t)                  the PPO ratio, clipped to [1−ε, 1+ε]
         w_t = min(π_prox(a_t|s_t) / μ(a_t|s_t), c)            truncated importance weight, no gradient
@@ -126,7 +126,7 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
 def value_loss(
     values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, value_clip: float
 ) -> tuple[Tensor, dict[str, float]]:
-    """ORZ's clipped value loss (from OpenRLHF's `ValueLoss`; ARCHITECTURE.md's L_v):
+    """ORZ's clipped value loss (from OpenRLHF's `ValueLoss`; docs/architecture.md's L_v):
 
         V_clip = V_old + clip(V − V_old, −ε_v, ε_v)
         L_v    = ½ · mean_t[ max((V − R)², (V_clip − R)²) ]

@@ -14,16 +14,17 @@ import os
 import sys
 from dataclasses import dataclass
 
-import msgpack
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from services.control import RankCommand
 from services.protocol import TrajectoryGroup
 
 log = logging.getLogger("orz.learner")
 
-CMD_BATCH, CMD_CHECKPOINT, CMD_FINAL, CMD_STOP = 0, 1, 2, 3
+CMD_BATCH, CMD_CHECKPOINT, CMD_FINAL, CMD_STOP = (RankCommand.BATCH, RankCommand.CHECKPOINT, RankCommand.FINAL,
+                                                  RankCommand.STOP)
 
 
 @dataclass
@@ -165,14 +166,13 @@ def send_command(dp: DataParallel, cmd: int, groups: list[TrajectoryGroup] | Non
     """Rank 0: tell the other ranks what comes next (a batch of groups, a checkpoint, the final gather, or stop)."""
     if not dp.enabled:
         return
-    body = [g.to_bytes() for g in groups] if groups is not None else []
-    _broadcast_bytes(msgpack.packb({"cmd": cmd, "groups": body}, use_bin_type=True), dp)
+    _broadcast_bytes(RankCommand(cmd, tuple(groups or ())).to_bytes(), dp)
 
 
 def receive_command(dp: DataParallel) -> tuple[int, list[TrajectoryGroup]]:
     """Ranks > 0: the next command from rank 0."""
-    msg = msgpack.unpackb(_broadcast_bytes(None, dp), raw=False)
-    return int(msg["cmd"]), [TrajectoryGroup.from_bytes(b) for b in msg["groups"]]
+    msg = RankCommand.from_bytes(_broadcast_bytes(None, dp))
+    return msg.cmd, list(msg.groups)
 
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, dp: DataParallel) -> dict:

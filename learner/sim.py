@@ -17,9 +17,9 @@ import torch
 
 from learner import parallel
 from learner.main import Learner
-from learner.weight_group import WeightGroup
 from services.config import Config
 from services.costmodel import CostModel
+from services.membership import WeightGroup
 from services.protocol import TrajectoryGroup
 
 STAND_IN = {"model.stand_in": torch.zeros(1024)}  # what travels over the real weight-sync group
@@ -64,7 +64,6 @@ class SimLearner(Learner):
         self.resume_from = self.resume_state = None
         self.tokenizer = PromptTokens(prompt_len)
         self.actor = self.critic = self.reference = self.trainer = None
-        self.consumed: set[str] = set()
         self._cpu_mark: tuple[float, float] | None = None
         self._init_rank0()
 
@@ -82,7 +81,7 @@ class SimLearner(Learner):
 
     def _weight_group(self) -> WeightGroup:
         names, shapes = zip(*[(n, tuple(t.shape)) for n, t in STAND_IN.items()])
-        return _SimWeightGroup(self.cfg, self.redis, self.keys, tuple(names), tuple(shapes), cost=self.cost,
+        return _SimWeightGroup(self.cfg, self.control, tuple(names), tuple(shapes), cost=self.cost,
                                time_scale=self.scale)
 
     def _final_states(self) -> tuple[dict, None]:
@@ -92,8 +91,7 @@ class SimLearner(Learner):
         return None
 
     def _cpu(self) -> tuple[float, float]:
-        info = self.redis.info("cpu")
-        return time.process_time(), float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+        return time.process_time(), self.control.server_cpu_s()
 
     def _record(self, *args, **kwargs) -> dict:
         record = super()._record(*args, **kwargs)

@@ -1,7 +1,7 @@
 """One PPO iteration on a batch of trajectory groups (ORZ's schedule, decoupled-PPO loss), on one rank or
 data-parallel across ranks.
 
-Order of work (ARCHITECTURE.md, "Data flow", step 5):
+Order of work (docs/architecture.md, "One step", 5):
 1. Old values V_old from the critic, proximal log-probs π_prox from the actor at the step's starting weights,
    and reference log-probs when a KL term is on (all without grad).
 2. Advantages: GAE (γ = λ = 1 by default, ORZ) with returns for the critic, or GRPO / RLOO from the group's
@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from learner import checkpoint as ckpt
+from learner import parallel
 from learner.advantages import grpo_advantages, rloo_advantages
 from learner.batch import RolloutBatch, microbatches, pack
 from learner.critic import Critic
@@ -39,6 +41,7 @@ from learner.gae import compute_gae, masked_mean
 from learner.logits import ChunkedHead
 from learner.loss import entropy_from_logits, explained_variance, kl_penalty, ppo_policy_loss, value_loss
 from learner.minibatch import assign
+from learner.parallel import DataParallel
 from services.config import LearnerConfig
 
 
@@ -206,6 +209,27 @@ class PPOTrainer:
             out.append((schedule, tokens))
         return out
 
+    def state_dict(self, dp: DataParallel) -> dict:
+        """What a checkpoint holds besides the models: the optimiser states in full (gathered from every rank
+        when sharded: a collective, every rank calls it), the schedules and the RNG states."""
+        state = {"actor_opt": parallel.optimizer_state(self.actor, self.actor_opt, dp),
+                 "actor_sched": self.actor_sched.state_dict(), "rng": ckpt.rng_state()}
+        if self.critic_opt is not None:
+            state["critic_opt"] = parallel.optimizer_state(self.critic, self.critic_opt, dp)
+            state["critic_sched"] = self.critic_sched.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict | None, dp: DataParallel, schedules: dict) -> None:
+        """Inverse of `state_dict`. `state`: on rank 0 (None on the others, which receive the optimiser
+        states from it); `schedules`: a state holding the schedules and RNG states, on every rank."""
+        parallel.load_optimizer_state(self.actor, self.actor_opt, state and state["actor_opt"], dp)
+        if self.critic_opt is not None:
+            parallel.load_optimizer_state(self.critic, self.critic_opt, state and state["critic_opt"], dp)
+        self.actor_sched.load_state_dict(schedules["actor_sched"])
+        if self.critic_sched is not None:
+            self.critic_sched.load_state_dict(schedules["critic_sched"])
+        ckpt.set_rng_state(schedules["rng"])
+
     def step(self, batch: RolloutBatch) -> dict[str, float]:
         cfg = self.cfg
         timings: dict[str, float] = {}
@@ -333,18 +357,3 @@ class PPOTrainer:
             stats["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         stats.update(timings)
         return stats
-
-    # -- checkpoint state (optimisers, schedules) ---------------------------------------------------------
-    def state_dict(self) -> dict:
-        state = {"actor_opt": self.actor_opt.state_dict(), "actor_sched": self.actor_sched.state_dict()}
-        if self.critic_opt is not None:
-            state["critic_opt"] = self.critic_opt.state_dict()
-            state["critic_sched"] = self.critic_sched.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.actor_opt.load_state_dict(state["actor_opt"])
-        self.actor_sched.load_state_dict(state["actor_sched"])
-        if self.critic_opt is not None:
-            self.critic_opt.load_state_dict(state["critic_opt"])
-            self.critic_sched.load_state_dict(state["critic_sched"])

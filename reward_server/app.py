@@ -1,6 +1,6 @@
 """The reward server process: FastAPI app (`POST /v1/grade`, `GET /healthz`, `GET /metrics`) run by uvicorn.
 
-The only contract with the generators is the HTTP API below (ARCHITECTURE.md, "Wire protocol"). Limits on a
+The only contract with the generators is the HTTP API below (docs/architecture.md, "Messages"). Limits on a
 request come from `RewardConfig` and are declared on the pydantic models, so the OpenAPI page at `/docs`
 documents them. Grading itself lives in `reward_server/grading.py`; nothing here touches sympy, so
 `/healthz` answers while every grading worker is stuck on a hostile item.

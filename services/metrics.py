@@ -1,6 +1,6 @@
 """Prometheus `/metrics` and `/healthz` for processes that are not web apps (learner, generators).
 
-Names follow `orz_<process>_<what>_<unit>` (ARCHITECTURE.md, "Metrics"). Each process owns a
+Names follow `orz_<process>_<what>_<unit>` (docs/architecture.md, "Metrics"). Each process owns a
 `CollectorRegistry` and passes it around; nothing registers into a module-global default.
 """
 

@@ -1,4 +1,4 @@
-"""The messages that cross process boundaries, and their msgpack encoding (ARCHITECTURE.md, "Wire protocol").
+"""The messages that cross process boundaries, and their msgpack encoding (docs/architecture.md, "Messages").
 
 Every message is a frozen dataclass with `to_bytes()` / `from_bytes()`. The envelope is a msgpack map
 `{"v": SCHEMA_VERSION, "t": <type tag>, "d": <payload>}`; token ids and log-probs travel as packed
@@ -39,7 +39,7 @@ def _unpack(raw: Any, dtype: str, what: str) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype).copy()
 
 
-def _get(d: dict[str, Any], key: str, types: type | tuple[type, ...], what: str) -> Any:
+def get_field(d: dict[str, Any], key: str, types: type | tuple[type, ...], what: str) -> Any:
     if key not in d:
         raise ProtocolError(f"{what}: missing field {key!r}")
     value = d[key]
@@ -51,17 +51,19 @@ def _get(d: dict[str, Any], key: str, types: type | tuple[type, ...], what: str)
     return value
 
 
-def _encode(tag: str, payload: dict[str, Any]) -> bytes:
+def encode(tag: str, payload: dict[str, Any]) -> bytes:
+    """The envelope of every message: `{"v": SCHEMA_VERSION, "t": tag, "d": payload}`, msgpack."""
     return msgpack.packb({"v": SCHEMA_VERSION, "t": tag, "d": payload}, use_bin_type=True)
 
 
-def _decode(raw: bytes, tag: str) -> dict[str, Any]:
+def decode(raw: bytes, tag: str, max_bytes: int | None = None) -> dict[str, Any]:
+    max_bytes = MAX_MESSAGE_BYTES if max_bytes is None else max_bytes
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"expected bytes, got {type(raw).__name__}")
-    if len(raw) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    if len(raw) > max_bytes:
+        raise ProtocolError(f"message of {len(raw)} bytes exceeds {max_bytes}")
     try:
-        env = msgpack.unpackb(bytes(raw), raw=False, strict_map_key=True, max_bin_len=MAX_MESSAGE_BYTES)
+        env = msgpack.unpackb(bytes(raw), raw=False, strict_map_key=True, max_bin_len=max_bytes)
     except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated exception types on garbage
         raise ProtocolError(f"undecodable msgpack: {type(exc).__name__}: {exc}") from None
     if not isinstance(env, dict):
@@ -93,10 +95,10 @@ class SamplingParams:
     def from_dict(cls, d: Any) -> SamplingParams:
         if not isinstance(d, dict):
             raise ProtocolError("sampling: expected a map")
-        temperature = float(_get(d, "temperature", (int, float), "sampling"))
-        top_p = float(_get(d, "top_p", (int, float), "sampling"))
-        max_tokens = _get(d, "max_tokens", int, "sampling")
-        stop = _get(d, "stop", list, "sampling")
+        temperature = float(get_field(d, "temperature", (int, float), "sampling"))
+        top_p = float(get_field(d, "top_p", (int, float), "sampling"))
+        max_tokens = get_field(d, "max_tokens", int, "sampling")
+        stop = get_field(d, "stop", list, "sampling")
         if not all(isinstance(s, str) for s in stop):
             raise ProtocolError("sampling.stop: expected a list of strings")
         if not (0.0 <= temperature <= 10.0) or not (0.0 < top_p <= 1.0) or max_tokens < 1:
@@ -117,29 +119,32 @@ class PromptTask:
     sampling: SamplingParams
     feed_version: int
     prompt_ids: tuple[int, ...] | None = None
+    eval_round: int = -1  # ≥ 0: an eval prompt of the evaluation at that step, answered with an EvalResult
 
     def to_bytes(self) -> bytes:
-        return _encode(self.TAG, {
+        return encode(self.TAG, {
             "task_id": self.task_id, "prompt": self.prompt, "reference": self.reference,
             "task_type": self.task_type, "n_samples": self.n_samples, "sampling": self.sampling.to_dict(),
             "feed_version": self.feed_version,
             "prompt_ids": None if self.prompt_ids is None else pack_i32(self.prompt_ids),
+            "eval_round": self.eval_round,
         })
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> PromptTask:
-        d = _decode(raw, cls.TAG)
+        d = decode(raw, cls.TAG)
         w = cls.TAG
         ids = d.get("prompt_ids")
-        n_samples = _get(d, "n_samples", int, w)
+        n_samples = get_field(d, "n_samples", int, w)
         if not 1 <= n_samples <= 4096:
             raise ProtocolError(f"{w}.n_samples out of range: {n_samples}")
         return cls(
-            task_id=_get(d, "task_id", str, w), prompt=_get(d, "prompt", str, w),
-            reference=_get(d, "reference", str, w), task_type=_get(d, "task_type", str, w),
+            task_id=get_field(d, "task_id", str, w), prompt=get_field(d, "prompt", str, w),
+            reference=get_field(d, "reference", str, w), task_type=get_field(d, "task_type", str, w),
             n_samples=n_samples, sampling=SamplingParams.from_dict(d.get("sampling")),
-            feed_version=_get(d, "feed_version", int, w),
+            feed_version=get_field(d, "feed_version", int, w),
             prompt_ids=None if ids is None else tuple(int(x) for x in _unpack(ids, "<i4", f"{w}.prompt_ids")),
+            eval_round=get_field(d, "eval_round", int, w) if "eval_round" in d else -1,
         )
 
 
@@ -167,7 +172,7 @@ class TrajectoryGroup:
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
-        return _encode(self.TAG, {
+        return encode(self.TAG, {
             "task_id": self.task_id, "prompt_ids": pack_i32(self.prompt_ids),
             "samples": _pack_samples(self.samples), "policy_version": self.policy_version,
             "policy_version_last": self.policy_version_last if self.policy_version_last >= 0
@@ -177,22 +182,22 @@ class TrajectoryGroup:
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> TrajectoryGroup:
-        d = _decode(raw, cls.TAG)
+        d = decode(raw, cls.TAG)
         w = cls.TAG
-        samples = _unpack_samples(_get(d, "samples", dict, w), f"{w}.samples")
+        samples = _unpack_samples(get_field(d, "samples", dict, w), f"{w}.samples")
         timings = d.get("timings", {})
         if not isinstance(timings, dict) or not all(
             isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
             for k, v in timings.items()
         ):
             raise ProtocolError(f"{w}.timings: expected a map of str to number")
-        version = _get(d, "policy_version", int, w)
-        version_last = _get(d, "policy_version_last", int, w) if "policy_version_last" in d else version
+        version = get_field(d, "policy_version", int, w)
+        version_last = get_field(d, "policy_version_last", int, w) if "policy_version_last" in d else version
         return cls(
-            task_id=_get(d, "task_id", str, w),
-            prompt_ids=_unpack(_get(d, "prompt_ids", bytes, w), "<i4", f"{w}.prompt_ids"),
+            task_id=get_field(d, "task_id", str, w),
+            prompt_ids=_unpack(get_field(d, "prompt_ids", bytes, w), "<i4", f"{w}.prompt_ids"),
             samples=samples,
-            policy_version=version, generator_id=_get(d, "generator_id", str, w),
+            policy_version=version, generator_id=get_field(d, "generator_id", str, w),
             policy_version_last=version_last, timings=dict(timings),
         )
 
@@ -209,21 +214,21 @@ def _pack_samples(samples: tuple[Sample, ...]) -> dict[str, Any]:
 
 
 def _str_list(d: dict[str, Any], key: str, n: int, what: str) -> list[str]:
-    values = _get(d, key, list, what)
+    values = get_field(d, key, list, what)
     if len(values) != n or not all(type(v) is str for v in values):
         raise ProtocolError(f"{what}.{key}: expected {n} strings")
     return values
 
 
 def _unpack_samples(d: dict[str, Any], what: str) -> tuple[Sample, ...]:
-    lengths = _unpack(_get(d, "lengths", bytes, what), "<i4", f"{what}.lengths")
+    lengths = _unpack(get_field(d, "lengths", bytes, what), "<i4", f"{what}.lengths")
     n = lengths.size
     if n == 0:
         raise ProtocolError(f"{what}: no samples")
     if lengths.min() < 0:
         raise ProtocolError(f"{what}.lengths: negative length")
-    ids = _unpack(_get(d, "response_ids", bytes, what), "<i4", f"{what}.response_ids")
-    lps = _unpack(_get(d, "logprobs", bytes, what), "<f4", f"{what}.logprobs")
+    ids = _unpack(get_field(d, "response_ids", bytes, what), "<i4", f"{what}.response_ids")
+    lps = _unpack(get_field(d, "logprobs", bytes, what), "<f4", f"{what}.logprobs")
     total = int(lengths.sum(dtype=np.int64))
     if ids.size != total or lps.size != total:
         raise ProtocolError(f"{what}: lengths add up to {total} tokens, but {ids.size} response ids and "
@@ -231,7 +236,7 @@ def _unpack_samples(d: dict[str, Any], what: str) -> tuple[Sample, ...]:
     # min is NaN if any is NaN and -inf if any is -inf: two reductions, no temporaries.
     if lps.size and not (math.isfinite(lps.min()) and lps.max() <= 1e-4):
         raise ProtocolError(f"{what}: logprobs must be finite and <= 0")
-    rewards = _get(d, "rewards", list, what)
+    rewards = get_field(d, "rewards", list, what)
     if len(rewards) != n or not all(type(r) in (int, float) and math.isfinite(r) for r in rewards):
         raise ProtocolError(f"{what}.rewards: expected {n} finite numbers")
     finish = _str_list(d, "finish_reasons", n, what)
@@ -244,7 +249,7 @@ def _unpack_samples(d: dict[str, Any], what: str) -> tuple[Sample, ...]:
 
 @dataclass(frozen=True)
 class WeightsAnnouncement:
-    """Published on `{ns}:weights` and stored at `{ns}:weights_meta`: where to join the weight-sync group
+    """Stored at `{ns}:weights_meta` (services/control.py): where to join the weight-sync group
     and the flat layout of what will be broadcast (parameter names, shapes, dtype, bucket size)."""
 
     TAG: ClassVar[str] = "WeightsAnnouncement"
@@ -259,7 +264,7 @@ class WeightsAnnouncement:
     members: tuple[str, ...] = ()  # generator ids; members[i] joins as rank i + 1 (empty: ranks by arrival)
 
     def to_bytes(self) -> bytes:
-        return _encode(self.TAG, {
+        return encode(self.TAG, {
             "rendezvous": self.rendezvous, "world_size": self.world_size, "backend": self.backend,
             "names": list(self.names), "shapes": [list(s) for s in self.shapes], "dtype": self.dtype,
             "bucket_bytes": self.bucket_bytes, "session": self.session, "members": list(self.members),
@@ -267,20 +272,56 @@ class WeightsAnnouncement:
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> WeightsAnnouncement:
-        d = _decode(raw, cls.TAG)
+        d = decode(raw, cls.TAG)
         w = cls.TAG
-        names = _get(d, "names", list, w)
-        shapes = _get(d, "shapes", list, w)
+        names = get_field(d, "names", list, w)
+        shapes = get_field(d, "shapes", list, w)
         if len(names) != len(shapes) or not all(isinstance(n, str) for n in names):
             raise ProtocolError(f"{w}: names and shapes disagree")
         if not all(isinstance(s, list) and all(type(x) is int and x >= 0 for x in s) for s in shapes):
             raise ProtocolError(f"{w}.shapes: expected lists of non-negative ints")
         return cls(
-            rendezvous=_get(d, "rendezvous", str, w), world_size=_get(d, "world_size", int, w),
-            backend=_get(d, "backend", str, w), names=tuple(names), shapes=tuple(tuple(s) for s in shapes),
-            dtype=_get(d, "dtype", str, w), bucket_bytes=_get(d, "bucket_bytes", int, w),
-            session=_get(d, "session", str, w), members=_members(d.get("members", []), w),
+            rendezvous=get_field(d, "rendezvous", str, w), world_size=get_field(d, "world_size", int, w),
+            backend=get_field(d, "backend", str, w), names=tuple(names), shapes=tuple(tuple(s) for s in shapes),
+            dtype=get_field(d, "dtype", str, w), bucket_bytes=get_field(d, "bucket_bytes", int, w),
+            session=get_field(d, "session", str, w), members=_members(d.get("members", []), w),
         )
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """A generator's graded samples of one eval prompt (`PromptTask.eval_round` ≥ 0), on `{ns}:evals`: never
+    trained on, only counted into the accuracy of the evaluation at step `eval_round`."""
+
+    TAG: ClassVar[str] = "EvalResult"
+    task_id: str
+    eval_round: int
+    rewards: tuple[float, ...]
+    policy_version: int  # weights at the first sampled token
+    policy_version_last: int
+    generator_id: str
+    truncated: int = 0  # samples that hit max_tokens
+
+    def to_bytes(self) -> bytes:
+        return encode(self.TAG, {
+            "task_id": self.task_id, "eval_round": self.eval_round, "rewards": pack_f32(self.rewards),
+            "policy_version": self.policy_version, "policy_version_last": self.policy_version_last,
+            "generator_id": self.generator_id, "truncated": self.truncated,
+        })
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> EvalResult:
+        d = decode(raw, cls.TAG)
+        w = cls.TAG
+        rewards = _unpack(get_field(d, "rewards", bytes, w), "<f4", f"{w}.rewards")
+        if not len(rewards) or not np.isfinite(rewards).all():
+            raise ProtocolError(f"{w}.rewards: expected finite rewards, at least one")
+        first, last = get_field(d, "policy_version", int, w), get_field(d, "policy_version_last", int, w)
+        if first < 0 or last < first:
+            raise ProtocolError(f"{w}: policy versions {first}..{last}")
+        return cls(task_id=get_field(d, "task_id", str, w), eval_round=get_field(d, "eval_round", int, w),
+                   rewards=tuple(float(r) for r in rewards), policy_version=first, policy_version_last=last,
+                   generator_id=get_field(d, "generator_id", str, w), truncated=get_field(d, "truncated", int, w))
 
 
 def _members(value: Any, what: str) -> tuple[str, ...]:
@@ -289,4 +330,4 @@ def _members(value: Any, what: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-M = TypeVar("M", PromptTask, TrajectoryGroup, WeightsAnnouncement)
+M = TypeVar("M", PromptTask, TrajectoryGroup, WeightsAnnouncement, EvalResult)

@@ -1,99 +1,33 @@
-"""Redis Streams with consumer groups: the prompt and trajectory queues between learner and generators.
+"""Redis Streams with consumer groups: the queues between learner and generators (docs/architecture.md).
 
-ARCHITECTURE.md, "Data flow": the learner XADDs `PromptTask`s, generators read them with XREADGROUP (group
-`generators`), publish one `TrajectoryGroup` each and XACK the prompt; the learner reads trajectories (group
-`learner`). A consumer that dies between read and ack leaves its entries pending, and a live one takes them
-over with XAUTOCLAIM (`reclaim`). Delivery is therefore at least once: a duplicate keeps its `task_id`.
-
-An entry that does not decode to the queue's message type (no field `m`, or a `ProtocolError`) is copied to
-the dead-letter stream with the reason and acked on its own stream, so it is never retried forever; readers
-only ever see well-formed messages. Every name in Redis comes from `Keys`, so runs with different namespaces
-can share one Redis.
+The learner XADDs `PromptTask`s, generators read them with XREADGROUP (group `generators`), publish one
+`TrajectoryGroup` (or `EvalResult`) each and XACK the prompt; the learner reads those (group `learner`). A
+consumer that dies between read and ack leaves its entries pending, and a live one takes them over with
+XAUTOCLAIM (`reclaim`). Delivery is therefore at least once: a duplicate keeps its `task_id`. An entry that
+does not decode to the queue's message type (no field `m`, or a `ProtocolError`) is copied to the dead-letter
+stream with the reason and acked on its own stream, so it is never retried forever; readers only ever see
+well-formed messages.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, Generic
 
 import msgpack
 import redis
 
-from services.protocol import M, PromptTask, ProtocolError, TrajectoryGroup
+from services.control import Keys
+from services.protocol import EvalResult, M, PromptTask, ProtocolError, TrajectoryGroup
 
 log = logging.getLogger("orz.queue")
 
-# the one field of a stream entry; it carries `msg.to_bytes()` (ARCHITECTURE.md, "Wire protocol")
-FIELD = "m"
+FIELD = "m"  # the one field of a stream entry; it carries `msg.to_bytes()`
 GENERATOR_GROUP = "generators"  # consumer group on the prompt stream
-LEARNER_GROUP = "learner"  # consumer group on the trajectory stream
+LEARNER_GROUP = "learner"  # consumer group on the trajectory and eval streams
 DEAD_MAXLEN = 10_000  # a flood of junk must not fill Redis's memory; the newest dead letters are kept
-
-
-@dataclass(frozen=True)
-class Keys:
-    """Every Redis key and channel of one run, under its namespace `orz:<run_name>` (ARCHITECTURE.md table)."""
-
-    ns: str
-
-    @property
-    def prompts(self) -> str:
-        """Stream of `PromptTask`, written by the learner's feeder."""
-        return f"{self.ns}:prompts"
-
-    @property
-    def trajectories(self) -> str:
-        """Stream of `TrajectoryGroup`, written by generators."""
-        return f"{self.ns}:trajectories"
-
-    @property
-    def dead(self) -> str:
-        """Stream of entries that could not be decoded or processed, with the reason."""
-        return f"{self.ns}:dead"
-
-    @property
-    def policy_version(self) -> str:
-        """String key: the learner's current policy version (int)."""
-        return f"{self.ns}:policy_version"
-
-    @property
-    def checkpoint(self) -> str:
-        """String key: JSON {"path", "version"} of the learner's newest complete checkpoint (late joiners)."""
-        return f"{self.ns}:checkpoint"
-
-    @property
-    def generators(self) -> str:
-        """Hash of live generators → heartbeat, version, address."""
-        return f"{self.ns}:generators"
-
-    @property
-    def weights(self) -> str:
-        """Pub/sub channel: a new version and the rendezvous of its weight-sync group."""
-        return f"{self.ns}:weights"
-
-    @property
-    def weights_meta(self) -> str:
-        """String key: the latest `WeightsAnnouncement`, for a generator that joins between broadcasts."""
-        return f"{self.ns}:weights_meta"
-
-    @property
-    def fed_count(self) -> str:
-        """String key: how many prompts the feeder has written (its dataset cursor, for resume)."""
-        return f"{self.ns}:fed_count"
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    """One entry of the dead-letter stream: why, where from, and the bytes exactly as they were received."""
-
-    id: str  # id in the dead-letter stream
-    reason: str
-    stream: str  # the stream the bad entry came from
-    entry_id: str  # its id there
-    raw: bytes
 
 
 def _str(value: bytes | str) -> str:
@@ -124,7 +58,7 @@ def _id_key(entry_id: str) -> tuple[int, int]:
 class StreamQueue(Generic[M]):
     """One stream read by one consumer group, carrying one message type from `services/protocol.py`.
 
-    The client must return bytes (`services.redis_server.connect` does), and a blocking `read` must block
+    The client must return bytes (`services.redis_client.connect` does), and a blocking `read` must block
     for less than the client's socket timeout. `maxlen` caps the stream with approximate trimming on XADD;
     that drops the oldest entries whether or not they were delivered, so leave it None for queues whose
     every entry matters and call `trim_acked()` instead. `max_deliveries`, when set, sends an entry that
@@ -160,7 +94,6 @@ class StreamQueue(Generic[M]):
     def __repr__(self) -> str:
         return f"StreamQueue({self.stream!r}, group={self.group!r}, {self.message_cls.__name__})"
 
-    # --- setup -------------------------------------------------------------------------------------------
 
     def ensure_group(self, start_id: str = "0") -> bool:
         """Create the stream and its group if missing; True if created. Idempotent, so every process calls it.
@@ -176,7 +109,6 @@ class StreamQueue(Generic[M]):
             raise
         return True
 
-    # --- producing ---------------------------------------------------------------------------------------
 
     def _check_type(self, msg: Any) -> None:
         if not isinstance(msg, self.message_cls):
@@ -204,7 +136,6 @@ class StreamQueue(Generic[M]):
             )
         return [_str(entry_id) for entry_id in pipe.execute()]
 
-    # --- consuming ---------------------------------------------------------------------------------------
 
     def _with_group(self, call: Callable[[], Any]) -> Any:
         """Run `call`; if the group vanished (Redis restarted without persistence, key deleted, even while
@@ -305,7 +236,6 @@ class StreamQueue(Generic[M]):
             return 0
         return int(self.client.xack(self.stream, self.group, *entry_ids))
 
-    # --- decoding and dead letters -----------------------------------------------------------------------
 
     @staticmethod
     def _entries_of(reply: Any) -> list[tuple[Any, Any]]:
@@ -362,7 +292,29 @@ class StreamQueue(Generic[M]):
         pipe.execute()
         self.dead_lettered += 1
 
-    # --- introspection and housekeeping ------------------------------------------------------------------
+    def renew(self, consumer: str, entry_ids: Iterable[str]) -> int:
+        """Resets the idle time of those of `entry_ids` still pending on `consumer` (XCLAIM JUSTID to itself),
+        so `reclaim` by a peer takes only the entries of a consumer that stopped renewing. Returns how many."""
+        held = set(entry_ids)
+        if not held:
+            return 0
+        mine = self.client.xpending_range(self.stream, self.group, "-", "+", len(held) + 64, consumername=consumer)
+        ids = [p["message_id"] for p in mine if _str(p["message_id"]) in held]
+        if ids:
+            self.client.xclaim(self.stream, self.group, consumer, 0, ids, justid=True)
+        return len(ids)
+
+
+    def task_ids(self) -> set[str]:
+        """The `task_id` of every entry in the stream, delivered or not (junk is skipped: its reader
+        dead-letters it). What the learner's accounting looks for when it asks whether a task is lost."""
+        out: set[str] = set()
+        for _, fields in self.client.xrange(self.stream):
+            try:
+                out.add(self.message_cls.from_bytes(fields[FIELD.encode()]).task_id)
+            except (KeyError, ProtocolError):
+                pass
+        return out
 
     def pending_count(self) -> int:
         """Entries delivered to some consumer and not yet acked (0 before the group exists)."""
@@ -440,18 +392,6 @@ def trajectory_queue(client: redis.Redis, keys: Keys) -> StreamQueue[TrajectoryG
     return StreamQueue(client, keys.trajectories, LEARNER_GROUP, TrajectoryGroup, keys.dead)
 
 
-def dead_letters(client: redis.Redis, stream: str, count: int = 100) -> list[DeadLetter]:
-    """The oldest `count` entries of a dead-letter stream (e.g. `Keys(ns).dead`), for tests and tools."""
-    out = []
-    for raw_id, fields in client.xrange(stream, count=count):
-        f = {_str(k): v for k, v in fields.items()}
-        out.append(
-            DeadLetter(
-                id=_str(raw_id),
-                reason=_str(f.get("reason", b"")),
-                stream=_str(f.get("stream", b"")),
-                entry_id=_str(f.get("entry_id", b"")),
-                raw=f.get("raw", b"") if isinstance(f.get("raw", b""), bytes) else str(f["raw"]).encode(),
-            )
-        )
-    return out
+def eval_queue(client: redis.Redis, keys: Keys) -> StreamQueue[EvalResult]:
+    """The generators → learner queue of eval results (group `learner`)."""
+    return StreamQueue(client, keys.evals, LEARNER_GROUP, EvalResult, keys.dead)

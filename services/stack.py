@@ -26,9 +26,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from services.config import Config
 from services.config_io import config_to_env
+from services.control import Keys
 from services.metrics import free_port, window_means, window_steps
-from services.queue import Keys
-from services.redis_server import EmbeddedRedis, connect_cfg
+from services.redis_client import connect_cfg
+from services.redis_server import EmbeddedRedis
 from services.supervise import Child, RedisChild, StackError, Supervisor
 
 console = Console(soft_wrap=True)  # one line per message off a TTY too (no wrap at 80 columns)

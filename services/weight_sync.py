@@ -7,7 +7,7 @@ parallelism. The learner is rank 0 and hosts the store; generators take ranks 1.
 Parameters are flattened into buckets of at most `bucket_bytes` (one collective per bucket, never one per
 parameter — per-parameter calls are a known cause of slow syncs in peers' weight updates). Each
 broadcast is preceded by a small header `[version, n_buckets]`; version −1 tells receivers to stop, −2 to
-leave this group and join the next one announced (the membership changed: learner/weight_group.py), −3 that
+leave this group and join the next one announced (the membership changed: services/membership.py), −3 that
 the learner times each member's link with a point-to-point round trip (`WeightSender.probe`).
 The layout (names, shapes, dtype, bucket size) travels once, in the `WeightsAnnouncement` kept in Redis.
 

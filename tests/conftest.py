@@ -15,7 +15,8 @@ import pytest
 import redis
 
 from services.metrics import free_port, wait_healthy
-from services.redis_server import EmbeddedRedis, connect
+from services.redis_client import connect
+from services.redis_server import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parents[1]
 

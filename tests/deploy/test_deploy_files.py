@@ -24,7 +24,8 @@ import yaml
 from services.cli import app
 from services.config import Config
 from services.config_io import load_config
-from services.queue import GENERATOR_GROUP, Keys
+from services.control import Keys
+from services.queue import GENERATOR_GROUP
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -19,9 +19,11 @@ import pytest
 
 from services.config import Config
 from services.config_io import config_to_env, load_config
+from services.control import Keys
 from services.metrics import free_port
-from services.queue import GENERATOR_GROUP, Keys
-from services.redis_server import EmbeddedRedis, connect
+from services.queue import GENERATOR_GROUP
+from services.redis_client import connect
+from services.redis_server import EmbeddedRedis
 from tests.faults.harness import Proc  # one process wrapper for the multi-process tests
 
 ROOT = Path(__file__).resolve().parents[2]

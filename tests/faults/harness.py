@@ -24,9 +24,11 @@ import httpx
 
 from services.config import Config
 from services.config_io import config_to_env, load_config
+from services.control import Keys
+from services.dead_letter import dead_letters
 from services.metrics import free_port
-from services.queue import Keys, dead_letters
-from services.redis_server import EmbeddedRedis, connect
+from services.redis_client import connect
+from services.redis_server import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parents[2]
 

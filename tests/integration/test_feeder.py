@@ -11,10 +11,11 @@ from transformers import PreTrainedTokenizerFast
 from learner.base_model import train_tokenizer
 from learner.feeder import Feeder
 from services.config import Config
+from services.control import Keys
 from services.datasets import DataError
 from services.protocol import PromptTask
-from services.queue import Keys, StreamQueue
-from services.redis_server import connect
+from services.queue import StreamQueue
+from services.redis_client import connect
 from services.tasks import all_problems, split
 
 

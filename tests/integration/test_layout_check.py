@@ -5,7 +5,6 @@ generator computes from its model directory equals the one the learner computes 
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -13,11 +12,10 @@ from pathlib import Path
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from generator.engine import model_layout
-from generator.worker import WeightListener
-from learner.weight_group import WeightGroup
 from services.config_io import load_config
+from services.control import ControlPlane, Heartbeat, Keys
+from services.membership import WeightGroup, WeightListener
 from services.protocol import WeightsAnnouncement
-from services.queue import Keys
 from services.weight_sync import layout_digest
 
 
@@ -41,12 +39,13 @@ def test_learner_leaves_out_a_generator_of_another_model(redis_client, caplog) -
     cfg = load_config(environ={})
     keys = Keys("orz:layout")
     names, shapes = ("a.weight", "b.weight"), ((4, 4), (4,))
-    group = WeightGroup(cfg, redis_client, keys, names, shapes)
+    control = ControlPlane(redis_client, keys)
+    group = WeightGroup(cfg, control, names, shapes)
     now = time.time()
     beats = {"gen-same": layout_digest(names, shapes), "gen-other": layout_digest(names, ((8, 4), (4,))),
              "gen-unchecked": None}
     for gid, layout in beats.items():
-        redis_client.hset(keys.generators, gid, json.dumps({"ts": now, "layout": layout}))
+        control.beat(gid, Heartbeat(now, 0, 1, "host", now, 0.0, layout))
     assert group.live() == ("gen-same", "gen-unchecked")
     assert group.refused == {"gen-other"}
     assert sum("serves a model of another layout" in r.message for r in caplog.records) == 1
@@ -60,9 +59,10 @@ def test_generator_refuses_an_announcement_of_another_model(redis_client) -> Non
     mine = layout_digest(("a.weight",), ((4, 4),))
     ann = WeightsAnnouncement("tcp://127.0.0.1:1", 2, "gloo", ("a.weight",), ((8, 4),), "float32", 1 << 20,
                               "s1", ("gen-0",))
-    redis_client.set(keys.weights_meta, ann.to_bytes())
+    control = ControlPlane(redis_client, keys)
+    control.announce(ann)
     stop = threading.Event()
-    listener = WeightListener(cfg, redis_client, keys, "gen-0", stop, layout=mine)
+    listener = WeightListener(cfg, control, "gen-0", stop, layout=mine)
     listener.start()
     listener.join(10)
     stop.set()

@@ -17,17 +17,12 @@ import numpy as np
 import pytest
 import redis
 
+from services.control import Keys
+from services.dead_letter import DeadLetter, dead_letters
 from services.protocol import PromptTask, Sample, SamplingParams, TrajectoryGroup
-from services.queue import (
-    GENERATOR_GROUP,
-    DeadLetter,
-    Keys,
-    StreamQueue,
-    dead_letters,
-    prompt_queue,
-    trajectory_queue,
-)
-from services.redis_server import EmbeddedRedis, RedisServerError, connect
+from services.queue import GENERATOR_GROUP, StreamQueue, prompt_queue, trajectory_queue
+from services.redis_client import connect
+from services.redis_server import EmbeddedRedis, RedisServerError
 
 NS = "orz:test"
 KEYS = Keys(NS)
@@ -55,17 +50,17 @@ def ids_of(items: list[tuple[str, PromptTask]]) -> list[str]:
     return [msg.task_id for _, msg in items]
 
 
-def test_keys_follow_the_architecture_table() -> None:
+def test_keys_follow_the_documented_table() -> None:
     k = Keys("orz:run1")
     assert (k.prompts, k.trajectories, k.dead) == (
         "orz:run1:prompts",
         "orz:run1:trajectories",
         "orz:run1:dead",
     )
-    assert (k.policy_version, k.generators, k.weights) == (
-        "orz:run1:policy_version", "orz:run1:generators", "orz:run1:weights",
+    assert (k.policy_version, k.generators, k.checkpoint, k.evals) == (
+        "orz:run1:policy_version", "orz:run1:generators", "orz:run1:checkpoint", "orz:run1:evals",
     )  # fmt: skip
-    assert (k.weights_meta, k.fed_count) == ("orz:run1:weights_meta", "orz:run1:fed_count")
+    assert k.weights_meta == "orz:run1:weights_meta"
 
 
 def test_add_read_ack(prompts: StreamQueue[PromptTask]) -> None:

@@ -11,7 +11,8 @@ import pytest
 import redis
 
 from services.metrics import free_port
-from services.redis_server import EmbeddedRedis, connect
+from services.redis_client import connect
+from services.redis_server import EmbeddedRedis
 
 
 def test_a_call_during_a_restart_waits_and_succeeds(tmp_path: Path) -> None:

@@ -13,9 +13,11 @@ import pytest
 import redis
 
 from services.config_io import load_config
+from services.control import ControlPlane, Heartbeat, Keys
 from services.protocol import PromptTask, SamplingParams
-from services.queue import Keys, prompt_queue
-from services.redis_server import EmbeddedRedis, connect_cfg, free_port
+from services.queue import prompt_queue
+from services.redis_client import connect_cfg
+from services.redis_server import EmbeddedRedis, free_port
 
 
 def _cfg(**redis_section):
@@ -40,8 +42,10 @@ def test_acl_user_and_password() -> None:
         # every other kind of call the learner and generators make is allowed under that rule
         assert client.info("server")["run_id"] and client.info("memory")["used_memory"] > 0
         assert client.xinfo_groups(keys.prompts)[0]["pending"] == 1
-        client.hset(keys.generators, "g0", b"{}")
-        client.publish(keys.weights, b"x")
+        control = ControlPlane(client, keys)
+        control.beat("g0", Heartbeat(time.time(), 0, 1, "h", time.time(), 0.0))
+        control.set_policy_version(3)
+        assert set(control.heartbeats()) == {"g0"} and control.policy_version() == 3
         assert queue.reclaim("g1", 0, 10)[0][1] == task
         queue.ack([queue.read("g1", 1)[0][0]] if queue.backlog() else [])
         client.xtrim(keys.prompts, minid="0-1")

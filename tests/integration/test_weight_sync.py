@@ -131,15 +131,15 @@ def test_listener_receives_the_next_version_only_after_the_last_one_is_loaded(re
     main loop still holds version v's tensors (views into those buffers) — it waits for `release()`."""
     import threading
 
-    from generator.worker import WeightListener
     from services.config import Config
-    from services.queue import Keys
+    from services.control import ControlPlane, Keys
+    from services.membership import WeightListener
 
     ann = WeightsAnnouncement(**{**_announcement(256 * 2**20).__dict__, "world_size": 2, "members": ("g1",)})
-    keys = Keys("orz:test-listener")
-    redis_client.set(keys.weights_meta, ann.to_bytes())
+    control = ControlPlane(redis_client, Keys("orz:test-listener"))
+    control.announce(ann)
     stop = threading.Event()
-    listener = WeightListener(Config(), redis_client, keys, "g1", stop)
+    listener = WeightListener(Config(), control, "g1", stop)
     listener.start()
     sender = WeightSender(ann, timeout_s=30)
     sender.connect()

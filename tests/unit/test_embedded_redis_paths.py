@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from services.redis_server import EmbeddedRedis, connect
+from services.redis_client import connect
+from services.redis_server import EmbeddedRedis
 
 
 def test_relative_workdir_starts_and_restarts_from_its_aof(tmp_path: Path, monkeypatch) -> None:

@@ -1,4 +1,4 @@
-"""The learner's check of a decoded group against the task it was fed (learner.main.invalid_group): each
+"""The learner's check of a decoded group against the task it was fed (learner.intake.invalid_group): each
 kind of mismatch is named, and a group that answers the task passes."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from learner.main import invalid_group
+from learner.intake import invalid_group
 from services.protocol import PromptTask, Sample, SamplingParams, TrajectoryGroup
 
 TASK = PromptTask("t1", "1+1=", "2", "math", 2, SamplingParams(max_tokens=8), 3, (5, 6, 7))

@@ -153,7 +153,7 @@ def test_masked_tokens_do_not_matter() -> None:
 
 
 def test_matches_per_token_reference_and_reduces_to_ppo_without_staleness() -> None:
-    # A python-float loop over tokens, the formula of ARCHITECTURE.md written out once more.
+    # A python-float loop over tokens, the formula of docs/architecture.md written out once more.
     gen = torch.Generator().manual_seed(1)
     proximal = -torch.rand(4, 6, generator=gen, dtype=F64) * 3
     logprobs = proximal + 0.4 * torch.randn(4, 6, generator=gen, dtype=F64)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from services import protocol
+from services.control import CheckpointPointer, Heartbeat, RankCommand
 from services.protocol import (
     SCHEMA_VERSION,
     PromptTask,
@@ -145,6 +146,42 @@ def test_weights_announcement_round_trip() -> None:
     assert back.shapes == ((384, 128), (384,), ())
 
 
+def make_heartbeat(layout: str | None = "ab12") -> Heartbeat:
+    return Heartbeat(ts=1.5e9, version=7, pid=4242, host="gen-host", started=1.4e9, busy_s=12.25, layout=layout)
+
+
+@pytest.mark.parametrize("layout", ["ab12", None])
+def test_control_messages_round_trip(layout: str | None) -> None:
+    beat = make_heartbeat(layout)
+    assert Heartbeat.from_bytes(beat.to_bytes()) == beat
+    pointer = CheckpointPointer("/runs/r/checkpoints/step-000040", 40)
+    assert CheckpointPointer.from_bytes(pointer.to_bytes()) == pointer
+
+
+def test_rank_command_carries_whole_groups() -> None:
+    cmd = RankCommand(RankCommand.BATCH, (make_group(), make_group()))
+    back = RankCommand.from_bytes(cmd.to_bytes())
+    assert back.cmd == RankCommand.BATCH and len(back.groups) == 2
+    assert back.groups[0].task_id == make_group().task_id
+    np.testing.assert_array_equal(back.groups[1].samples[0].logprobs, make_group().samples[0].logprobs)
+    assert RankCommand.from_bytes(RankCommand(RankCommand.STOP).to_bytes()).groups == ()
+    with pytest.raises(ProtocolError, match="unknown command"):
+        RankCommand.from_bytes(protocol.encode("RankCommand", {"cmd": 9, "groups": []}))
+    with pytest.raises(ProtocolError, match="encoded groups"):
+        RankCommand.from_bytes(protocol.encode("RankCommand", {"cmd": 0, "groups": [1]}))
+    with pytest.raises(ProtocolError):  # a group inside that does not decode
+        RankCommand.from_bytes(protocol.encode("RankCommand", {"cmd": 0, "groups": [b"junk"]}))
+
+
+@pytest.mark.parametrize(("field", "value"), [("ts", "x"), ("version", 1.5), ("pid", None), ("layout", 3),
+                                              ("busy_s", True), ("host", 7)])
+def test_malformed_heartbeat_is_rejected(field: str, value: Any) -> None:
+    payload = {"ts": 1.0, "version": 1, "pid": 1, "host": "h", "started": 1.0, "busy_s": 0.0, "layout": None}
+    Heartbeat.from_bytes(protocol.encode("Heartbeat", payload))  # well-formed
+    with pytest.raises(ProtocolError):
+        Heartbeat.from_bytes(protocol.encode("Heartbeat", {**payload, field: value}))
+
+
 # --- rejection ---------------------------------------------------------------------------------------------
 
 
@@ -164,7 +201,8 @@ def test_non_messages_are_rejected(raw: Any) -> None:
         PromptTask.from_bytes(raw)
 
 
-@pytest.mark.parametrize("msg", [make_task(), make_group(), make_announcement()], ids=lambda m: m.TAG)
+@pytest.mark.parametrize("msg", [make_task(), make_group(), make_announcement(), make_heartbeat(),
+                                 CheckpointPointer("/ckpt", 3)], ids=lambda m: m.TAG)
 def test_every_truncation_is_rejected(msg: PromptTask | TrajectoryGroup | WeightsAnnouncement) -> None:
     raw = msg.to_bytes()
     type(msg).from_bytes(raw)  # the whole message is fine

@@ -1,4 +1,5 @@
-"""The learner's side of weight sync with a changing set of generators (ARCHITECTURE.md, "Data flow", step 6).
+"""Weight-sync membership, both halves side by side: the learner's `WeightGroup` (the leader) and each
+generator's `WeightListener` (a member) (docs/architecture.md, "Weight sync").
 
 Generators register by heartbeat in the hash `{ns}:generators`. Whenever the set of live generators differs
 from the members of the current group — one joined, one left or died, one stopped heartbeating — the learner
@@ -22,33 +23,45 @@ the cooldown it is asked in again.
 
 from __future__ import annotations
 
-import json
 import logging
+import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
 
+import redis
 import torch
 
 from services.config import Config
+from services.control import ControlPlane
 from services.metrics import free_port
-from services.protocol import WeightsAnnouncement
-from services.queue import Keys
-from services.weight_sync import REFORM_VERSION, WeightSender, layout_digest, resolve_backend
+from services.protocol import ProtocolError, WeightsAnnouncement
+from services.weight_sync import (
+    PROBE_VERSION,
+    REFORM_VERSION,
+    STOP_VERSION,
+    WeightReceiver,
+    WeightSender,
+    layout_digest,
+    resolve_backend,
+)
 
-log = logging.getLogger("orz.learner")
+log = logging.getLogger("orz.membership")
 
 PROBE_BYTES = 64 * 1024  # each member's link is timed with a round trip of this size
 SLOW_PEER_MIN_S = 0.1  # a round trip under this is never slow, however it compares (jitter on fast links)
 
 
 class WeightGroup:
-    def __init__(self, cfg: Config, redis, keys: Keys, names: tuple[str, ...], shapes: tuple[tuple[int, ...], ...],
-                 retry_s: float = 10.0, on_slow: Callable[[str], None] | None = None) -> None:
+    """The learner's side: forms groups of the live generators, broadcasts each new version, leaves slow
+    members out."""
+
+    def __init__(self, cfg: Config, control: ControlPlane, names: tuple[str, ...],
+                 shapes: tuple[tuple[int, ...], ...], retry_s: float = 10.0,
+                 on_slow: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
-        self.redis = redis
-        self.keys = keys
+        self.control = control
         self.names, self.shapes = names, shapes
         self.layout = layout_digest(names, shapes)
         self.refused: set[str] = set()  # generators left out for serving another model
@@ -74,19 +87,13 @@ class WeightGroup:
         stale_after = 3 * self.cfg.generator.heartbeat_s
         now = time.time()
         live = []
-        for gid, raw in self.redis.hgetall(self.keys.generators).items():
-            gid = gid.decode() if isinstance(gid, bytes) else gid
-            try:
-                beat = json.loads(raw)
-                fresh = now - float(beat["ts"]) <= stale_after
-            except (ValueError, KeyError, TypeError):
-                log.warning("unreadable heartbeat of %r in %s", gid, self.keys.generators)
-                continue
-            if self._broken_at is not None and float(beat["ts"]) <= self._broken_at:
+        for gid, beat in self.control.heartbeats().items():
+            fresh = now - beat.ts <= stale_after
+            if self._broken_at is not None and beat.ts <= self._broken_at:
                 continue  # not heard from since a broadcast failed: the member that broke it, until it beats again
             if self.left_out.get(gid, 0.0) > now:
                 continue  # a slow link, left out until its cooldown ends
-            layout = beat.get("layout")
+            layout = beat.layout
             if fresh and layout is not None and layout != self.layout:
                 if gid not in self.refused:
                     log.error("generator %s serves a model of another layout (%s, the learner's is %s): not "
@@ -160,8 +167,7 @@ class WeightGroup:
             session=uuid.uuid4().hex, members=live,
         )
         sender = WeightSender(ann, ws.timeout_s)
-        self.redis.set(self.keys.weights_meta, ann.to_bytes())
-        self.redis.publish(self.keys.weights, ann.to_bytes())
+        self.control.announce(ann)
         t0 = time.time()
         try:
             sender.connect()
@@ -170,7 +176,7 @@ class WeightGroup:
                         time.time() - t0, exc)
             self._failed = (live, time.time())
             self._broken_at = time.time()
-            self.redis.delete(self.keys.weights_meta)
+            self.control.withdraw_announcement()
             return
         self.sender, self.members, self.sent_version, self.announcement = sender, live, -1, ann
         self._failed = None
@@ -181,7 +187,7 @@ class WeightGroup:
     def republish(self) -> None:
         """Writes the current group's announcement again (Redis restarted and may have lost it)."""
         if self.sender is not None and self.announcement is not None:
-            self.redis.set(self.keys.weights_meta, self.announcement.to_bytes())
+            self.control.announce(self.announcement)
 
     def _close(self) -> None:
         """Leaves the current group; its members (if still listening) go and wait for the next announcement."""
@@ -195,3 +201,110 @@ class WeightGroup:
         if self.sender is not None:
             self.sender.stop() if for_good else self.sender.stop(REFORM_VERSION)
         self.sender, self.members = None, ()
+
+
+class WeightListener(threading.Thread):
+    """A generator's side: member of the learner's weight-sync group (`WeightGroup`); keeps the newest
+    received version for the main loop to load between engine steps.
+
+    Waits for an announcement that lists this generator, joins as the rank it was given, and receives
+    versions until the learner closes the group: REFORM_VERSION (membership changed) or a broken connection
+    (the learner re-forms after a failed broadcast, or restarted) send it back to wait for the next
+    announcement; STOP_VERSION ends it. The learner only lists generators with a fresh heartbeat.
+    """
+
+    def __init__(self, cfg: Config, control: ControlPlane, generator_id: str, stop: threading.Event,
+                 layout: str | None = None) -> None:
+        super().__init__(name="weight-listener", daemon=True)
+        self.cfg, self.control, self.generator_id, self.stop_event = cfg, control, generator_id, stop
+        self.layout = layout  # digest of the served model's names and shapes (None: not checked)
+        self._lock = threading.Lock()
+        self._pending: tuple[int, list] | None = None
+        self._released = threading.Event()  # the main loop is done with the last version handed over
+        self._released.set()
+        self.error: BaseException | None = None
+        self.rank: int | None = None
+        self.joined = 0  # groups joined so far
+        self.stopped = False  # the learner closed weight sync for good
+
+    def take(self) -> tuple[int, list] | None:
+        """The newest received version not yet taken; call `release()` once its tensors are loaded."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+            return pending
+
+    def release(self) -> None:
+        """The weights last taken are loaded: the receiver may reuse its buffers for the next version."""
+        self._released.set()
+
+    def _announcement(self, after_session: str | None) -> WeightsAnnouncement | None:
+        """The first announcement listing this generator whose session is not `after_session`."""
+        while not self.stop_event.is_set():
+            try:
+                ann = self.control.announcement()
+            except ProtocolError as exc:
+                raise RuntimeError(f"unreadable weight-sync announcement: {exc}") from None
+            if ann is not None:
+                theirs = layout_digest(ann.names, ann.shapes)
+                if self.layout is not None and theirs != self.layout:
+                    raise RuntimeError(
+                        f"the learner broadcasts a model of another architecture ({len(ann.names)} tensors, layout "
+                        f"{theirs[:12]}) than this generator serves ({self.cfg.model.path}, layout "
+                        f"{self.layout[:12]}): check model.base_path on both")
+                if ann.session != after_session and self.generator_id in ann.members:
+                    return ann
+            self.stop_event.wait(0.2)
+        return None
+
+    def _newer_group(self, session: str) -> bool:
+        """The learner has announced another group that lists this generator (it re-formed or restarted)."""
+        try:
+            ann = self.control.announcement()
+        except (ProtocolError, redis.RedisError):  # unreadable, or Redis away: stay in the group
+            return False
+        return ann is not None and ann.session != session and self.generator_id in ann.members
+
+    def run(self) -> None:
+        session: str | None = None
+        try:
+            while not self.stop_event.is_set():
+                ann = self._announcement(session)
+                if ann is None:
+                    return
+                session = ann.session
+                self.rank = ann.members.index(self.generator_id) + 1
+                try:
+                    receiver = WeightReceiver(ann, self.rank, self.cfg.weight_sync.timeout_s)
+                except Exception as exc:  # the learner gave up on this group before we arrived
+                    log.warning("could not join weight-sync group %s: %s", ann.session[:8], exc)
+                    continue
+                self.joined += 1
+                log.info("joined weight-sync group %s as rank %d/%d", ann.session[:8], self.rank, ann.world_size)
+                while not self.stop_event.is_set():
+                    # The received tensors are views into the receiver's reusable buffers: the next version
+                    # is received only once the main loop has loaded this one (between two engine steps).
+                    while not self._released.wait(0.1):
+                        if self.stop_event.is_set():
+                            return
+                    try:
+                        version, weights = receiver.receive(lambda s=session: self._newer_group(s))
+                    except Exception as exc:
+                        log.warning("weight-sync group %s closed (%s); waiting for the next one", ann.session[:8],
+                                    exc)
+                        break
+                    if version == STOP_VERSION:
+                        log.info("learner closed the weight-sync group")
+                        self.stopped = True
+                        return
+                    if version == REFORM_VERSION:
+                        log.info("weight-sync membership changed; re-joining")
+                        break
+                    if version == PROBE_VERSION:  # the learner timed this link; nothing to load
+                        continue
+                    with self._lock:
+                        self._released.clear()
+                        self._pending = (version, weights)
+        except BaseException as exc:  # surfaced to the main loop, which decides to exit
+            if not self.stop_event.is_set():
+                self.error = exc
+                log.exception("weight listener failed")
