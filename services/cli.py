@@ -95,7 +95,7 @@ def config_(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt) ->
 @app.command()
 def plan(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt,
          gpu: str = typer.Option("h100-80gb", help="h100-80gb, h200-141gb or a100-80gb"),
-         json_: bool = typer.Option(False, "--json", help="print the plan as JSON (keys: README, \"orz plan\")"),
+         json_: bool = typer.Option(False, "--json", help="print the plan as JSON (keys: docs/learner.md)"),
          model_shape: str | None = typer.Option(
              None, help="the model's shape when model.base_path is not on this machine: qwen2.5-0.5b … qwen2.5-32b"),
          response_median: float | None = typer.Option(

@@ -2,7 +2,7 @@
 Loading (YAML, `ORZ__SECTION__KEY` environment variables, flags) and error messages: services/config_io.py.
 
 Shared by all processes (services/ imports none of the process packages). Defaults follow ORZ
-(playground/orz_7b_ppo.py; README, "ORZ's settings, and ours"): γ = λ = 1, ε = 0.2, value clip 0.2,
+(playground/orz_7b_ppo.py; docs/recipes.md, "ORZ's settings, and ours"): γ = λ = 1, ε = 0.2, value clip 0.2,
 grad clip 1.0, no KL, AdamW β = (0.9, 0.95), actor lr 1e-6, critic lr 5e-6, 12 critic steps per
 iteration, temperature 1.0, stop at `</answer>`. `configs/tiny.yaml` scales them to a CPU-sized run.
 """

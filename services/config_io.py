@@ -1,6 +1,6 @@
 """Configs in and out: YAML, then `ORZ__SECTION__KEY` environment variables, then flags (later wins), with one
 error naming every bad key and value; the whole config as environment variables for child processes; the
-README's configuration reference."""
+configuration reference (docs/configuration.md)."""
 
 from __future__ import annotations
 
@@ -145,7 +145,7 @@ def config_to_env(cfg: Config) -> dict[str, str]:
 
 
 def reference_markdown() -> str:
-    """The configuration reference table of the README, generated from the models above."""
+    """The configuration reference table of docs/configuration.md, generated from the models above."""
     lines = ["| key | default | meaning |", "|---|---|---|"]
 
     def row(key: str, field: Any) -> None:

@@ -83,7 +83,7 @@ def cost_model(cfg: Config, shape: ModelShape, gpu_name: str) -> CostModel:
 
 def plan(cfg: Config, gpu: str = "h100-80gb", model: str | None = None, response_median: float | None = None,
          prompt_tokens: int = 200) -> dict:
-    """The whole prediction for `cfg` on `gpu` (a memplan.GPUS key), as a JSON-ready dict (README, `orz plan`)."""
+    """The whole prediction for `cfg` on `gpu` (a memplan.GPUS key), as a JSON-ready dict (docs/learner.md)."""
     if gpu not in GPUS:
         raise ValueError(f"unknown GPU {gpu!r}; known: {', '.join(GPUS)}")
     shape, device = model_shape(cfg, model), GPUS[gpu]

@@ -125,7 +125,7 @@ def test_kill_and_resume_trains_the_same_tasks_once(tmp_path: Path) -> None:
     done = json.loads((cut / "DONE").read_text())
     assert done["unaccounted"] == [] and len(done["inflight"]) <= BATCH
 
-    # For the README's failure-modes table: from `orz up --resume` to the first step after the checkpoint, and
+    # For the table of docs/failure-modes.md: from `orz up --resume` to the first step after the checkpoint, and
     # how much training the kill undid (the steps after the checkpoint, redone).
     write_report("learner_kill", {"steps_redone": killed_after - N,
                                   "resume_to_first_step_s": round(records[N]["time"] - t_resume, 1)})

@@ -100,7 +100,7 @@ def test_orz_up_restarts_what_dies_and_the_run_finishes(tmp_path: Path) -> None:
         assert f"restarted {name} (restart 1 of at most 5)" in log
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
-    # Recovery: from each kill to the first learner step after it (the README's failure-modes figures).
+    # Recovery: from each kill to the first learner step after it (the figures of docs/failure-modes.md).
     recovery = {name: round(min(r["time"] for r in records if r["time"] > t) - t, 2) for name, t in kills.items()}
     report = {"fault": "supervisor", "recovery_s": recovery, "trained": summary["accounting"]["trained"]}
     print("fault report:", json.dumps(report))

@@ -275,8 +275,8 @@ def recovery_s(stack: Stack, fault_at: float, steps: int = 1, timeout_s: float =
 
 
 def write_report(name: str, report: dict) -> None:
-    """Appends a fault test's measurements to $ORZ_FAULT_REPORT (a JSON-lines file) when set: the README's
-    failure-modes table is built from these."""
+    """Appends a fault test's measurements to $ORZ_FAULT_REPORT (a JSON-lines file) when set: the table
+    of docs/failure-modes.md is built from these."""
     path = os.environ.get("ORZ_FAULT_REPORT")
     print(f"fault report {name}: {json.dumps(report)}")
     if path:

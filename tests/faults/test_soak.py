@@ -1,7 +1,7 @@
 """A short soak (bench/soak.py for 2 minutes, generator 1 killed every 40 s): the run's accounting stays exact
 through every kill (checked inside the script, which exits non-zero otherwise), the streams stay trimmed
 (their length bounded by the prompts in flight, not by how long the run has gone on), and nothing is
-dead-lettered. The 20-minute run with the memory slopes is in the README (`make soak`)."""
+dead-lettered. The 20-minute run with the memory slopes is in docs/failure-modes.md (`make soak`)."""
 
 from __future__ import annotations
 

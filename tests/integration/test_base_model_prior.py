@@ -1,7 +1,7 @@
 """The tiny base model's prior, sampled as the generators sample it (vLLM engine, temperature 1, ORZ's stop
 string) and graded by a real `orz reward-server`: it mostly guesses, its guesses are right only by chance,
 and when it works a problem out it is usually right. That gap is what the 0/1 reward turns into longer
-reasoning (the README's "The tiny task and base model" gives the measured figures)."""
+reasoning (docs/tiny-task.md gives the measured figures)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ two generators each on a host of its own, binding and dialling by the host's add
 formed across hosts. Then network faults, each bounded in time and ending with the fault tests' exact
 accounting (`check_accounting`: every fed task trained once, dropped and counted, or in flight and found).
 
-Each test's figures go to $ORZ_FAULT_REPORT like the fault tests' (the README's failure-modes rows)."""
+Each test's figures go to $ORZ_FAULT_REPORT like the fault tests' (the rows of docs/failure-modes.md)."""
 
 from __future__ import annotations
 

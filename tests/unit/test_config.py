@@ -1,4 +1,4 @@
-"""Config loading: YAML, ORZ__ environment overrides, CLI overrides, and the README's generated reference."""
+"""Config loading: YAML, ORZ__ environment overrides, CLI overrides, and docs/configuration.md."""
 
 from __future__ import annotations
 
@@ -53,9 +53,10 @@ def test_shipped_configs_load() -> None:
         assert isinstance(load_config(path, environ={}), Config)
 
 
-def test_readme_config_reference_is_current() -> None:
-    readme = (ROOT / "README.md").read_text()
-    assert reference_markdown() in readme, "regenerate the README table with services.config_io.reference_markdown()"
+def test_config_reference_page_is_current() -> None:
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    assert reference_markdown() in page, \
+        "regenerate docs/configuration.md's table with services.config_io.reference_markdown()"
 
 
 @pytest.mark.parametrize(("env", "message"), [

@@ -116,12 +116,13 @@ def test_plan_says_an_fp32_unchunked_uncheckpointed_7b_does_not_fit() -> None:
 
 def test_plan_json_keys_are_the_documented_ones() -> None:
     p = _plan_json("-c", "configs/orz-7b.yaml")
-    readme = (ROOT / "README.md").read_text().split("<!-- plan-keys:start -->")[1].split("<!-- plan-keys:end -->")[0]
+    readme = (ROOT / "docs" / "learner.md").read_text().split("<!-- plan-keys:start -->")[1] \
+        .split("<!-- plan-keys:end -->")[0]
     keys = {"gpu", "model", "learner", "generator", "step", "fits", "problems"}
     assert set(p) == keys
     for section in ("learner", "generator", "step"):
         for key in p[section]:
-            assert f"`{section}.{key}`" in readme, f"README does not document {section}.{key}"
+            assert f"`{section}.{key}`" in readme, f"docs/learner.md does not document {section}.{key}"
     for key in p["learner"]["per_rank_gb"]:
         assert f"`{key}`" in readme
 
@@ -268,8 +269,9 @@ def test_mean_context_is_length_biased() -> None:
 
 
 @pytest.mark.parametrize("recipe", ["orz-7b", "orz-32b"])
-def test_readme_shows_the_recipes_plan_as_it_is(recipe: str) -> None:
+def test_docs_show_the_recipes_plan_as_it_is(recipe: str) -> None:
     from services.plan import render
 
     text = render(plan(load_config(ROOT / "configs" / f"{recipe}.yaml", environ={}), "h100-80gb"))
-    assert f"$ orz plan -c configs/{recipe}.yaml\n{text}\n```" in (ROOT / "README.md").read_text()
+    pages = "".join(p.read_text() for p in (ROOT / "docs").glob("*.md"))
+    assert f"$ orz plan -c configs/{recipe}.yaml\n{text}\n```" in pages
