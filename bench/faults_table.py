@@ -115,7 +115,7 @@ def rows(reports: dict[str, dict]) -> list[tuple[str, str, str, str]]:
     if r := reports.get("multihost_delay_loss"):
         out.append((
             "200 ± 100 ms delay and 5 % frame loss on a generator's link (`tests/multihost`, a user-space "
-            "netem: tests/multihost/wire.py)",
+            "netem: tests/support/wire.py)",
             "every broadcast waits for its slowest member: one over `weight_sync.slow_broadcast_s` makes the "
             f"learner time each member's link alone (64 KiB round trip: {r['gen0_round_trip_ms']} ms to the "
             f"slow generator, {r['fastest_round_trip_ms']} ms to the other) and leave the slow one out of weight "

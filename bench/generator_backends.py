@@ -16,19 +16,16 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
+from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-import torch  # noqa: E402
-from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
-
-from services.config_io import load_config  # noqa: E402
-from services.protocol import SamplingParams  # noqa: E402
-from services.tasks import all_problems, split  # noqa: E402
+from services.config_io import load_config
+from services.protocol import SamplingParams
+from services.tasks import all_problems, split
 
 ROOT = Path(__file__).resolve().parents[1]
 

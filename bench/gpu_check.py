@@ -25,20 +25,16 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import random_ppo
+import torch
 
-import torch  # noqa: E402
-
-from generator.hf_engine import TransformersEngine  # noqa: E402
-from learner import parallel  # noqa: E402
-from learner.models import prepare  # noqa: E402
-from learner.trainer import PPOTrainer, token_logprobs  # noqa: E402
-from services.config import LearnerConfig  # noqa: E402
-from services.memplan import GB, GPUS, QWEN25, LearnerSetting, ModelShape, learner_memory  # noqa: E402
-from services.protocol import SamplingParams  # noqa: E402
-
-sys.path.append(str(Path(__file__).resolve().parent))  # once the packages are imported: bench/learner.py is not one
-import random_ppo  # noqa: E402
+from generator.hf_engine import TransformersEngine
+from learner import parallel
+from learner.models import prepare
+from learner.trainer import PPOTrainer, token_logprobs
+from services.config import LearnerConfig
+from services.memplan import GB, GPUS, QWEN25, LearnerSetting, ModelShape, learner_memory
+from services.protocol import SamplingParams
 
 GPU_SHAPES = {"0.5b": QWEN25["qwen2.5-0.5b"], "1.5b": QWEN25["qwen2.5-1.5b"]}
 REDUCED = {"reduced": ModelShape("reduced", 4096, 128, 384, 2, 4, 2, tied=True)}

@@ -1,7 +1,7 @@
 """What the grading workers' isolation costs, and whether it changes verdicts: three ways to run them, measured.
 
 Each mode is a real `orz reward-server` process (2 grading processes); the workload is the differential
-test's generated pairs (tests/integration/answer_forms.py: equivalent and changed forms made with sympy),
+test's generated pairs (tests/support/answer_forms.py: equivalent and changed forms made with sympy),
 graded over HTTP by 8 clients in requests of 64 items and compared, pair by pair, with math-verify's
 `verify(parse(gold), parse(answer))` in this (plain) process.
 - `unsealed`: workers with only the address-space cap, no descriptor seal (the reference for cost);
@@ -28,18 +28,16 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(ROOT / "tests" / "integration"))
-sys.path.append(str(Path(__file__).resolve().parent))  # last: the packages keep their names
+sys.path.insert(0, str(ROOT))
 
-from answer_forms import generate  # noqa: E402
 from math_verify import parse, verify  # noqa: E402
 from readme_block import replace_block  # noqa: E402
 from reward import http  # noqa: E402
 
 from services.metrics import free_port, wait_healthy  # noqa: E402
+from tests.support.answer_forms import generate  # noqa: E402
 
-# Each mode starts the CLI after changing one thing in the process, as tests/integration/faulty_reward_server.py
+# Each mode starts the CLI after changing one thing in the process, as tests/support/faulty_reward_server.py
 # does; `now` changes nothing.
 _NO_PRELOAD = "import reward_server.grading as g\ng.preload_grading_modules = lambda: (0, 0.0)\n"
 _NO_WATCH = "import contextlib, reward_server.graders as r\nr.fault_watch = lambda: contextlib.nullcontext([])\n"

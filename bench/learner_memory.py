@@ -23,15 +23,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import random_ppo
+from readme_block import replace_block
+
+from services.memplan import GB, QWEN25, LearnerSetting, ModelShape, learner_memory
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import learner.batch  # noqa: E402,F401  (the package, imported before bench/ and its learner.py join the path)
-from services.memplan import GB, QWEN25, LearnerSetting, ModelShape, learner_memory  # noqa: E402
-
-sys.path.append(str(Path(__file__).resolve().parent))  # once the packages are imported: bench/learner.py is not one
-import random_ppo  # noqa: E402
-from readme_block import replace_block  # noqa: E402
 
 SHAPES = {
     "20m": ModelShape("20M", 32_000, 256, 1024, 4, 4, 2),

@@ -29,14 +29,12 @@ import threading
 import time
 from pathlib import Path
 
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import httpx
+from pebble import ProcessPool
 
-import httpx  # noqa: E402
-from pebble import ProcessPool  # noqa: E402
-
-from reward_server.graders import grade_sync  # noqa: E402
-from reward_server.grading import _warm_up  # noqa: E402
-from services.metrics import free_port, wait_healthy  # noqa: E402
+from reward_server.graders import grade_sync
+from reward_server.grading import _warm_up
+from services.metrics import free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 5

@@ -98,9 +98,9 @@ def _simulate(r: dict) -> tuple[str, str, str]:
 
 # name → (command line, headline extractor, what it compares)
 BENCHES: dict[str, tuple[list[str], Callable[[dict], tuple[str, str, str]], str]] = {
-    "learner": (["bench/learner.py", "--critic-steps", "12", "--repeats", "3"], _learner,
+    "learner": (["bench/learner_throughput.py", "--critic-steps", "12", "--repeats", "3"], _learner,
                 "full PPO iteration vs bare forward/backward passes"),
-    "generator": (["bench/generator.py", "--prompts", "384"], _generator,
+    "generator": (["bench/generator_throughput.py", "--prompts", "384"], _generator,
                   "Redis → vLLM → reward server → Redis vs bare vLLM generate"),
     "generator_backends": (["bench/generator_backends.py"], _backends, "vLLM vs the transformers fallback"),
     "reward": (["bench/reward.py", "--items", "2000", "--procs", "2"], _reward,

@@ -36,12 +36,10 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-from services.config_io import load_config  # noqa: E402
-from services.costmodel import QWEN25_7B, R1_DISTILL_15B, CostModel, LengthModel  # noqa: E402
-from services.redis_client import connect  # noqa: E402
-from services.redis_server import EmbeddedRedis  # noqa: E402
+from services.config_io import load_config
+from services.costmodel import QWEN25_7B, R1_DISTILL_15B, CostModel, LengthModel
+from services.redis_client import connect
+from services.redis_server import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("orz.simulate")

@@ -4,7 +4,7 @@ generator 0 lives through the whole run (and through every re-formed weight-sync
 
 Every `--sample-s` it records the resident memory of every process (a process and its children: the reward
 server with its grading workers), Redis's `used_memory` and the length of each stream. At the end the
-learner is stopped, the run's accounting is checked (tests/faults/harness.py: nothing lost, nothing trained
+learner is stopped, the run's accounting is checked (tests/support/harness.py: nothing lost, nothing trained
 twice), and it prints JSON: each process's RSS at the start and end of the measured window and its slope
 (MB per minute, least squares, leaving out each process's own first `--warmup-min`; over the second half of
 that window alone; and of each minute's lowest RSS, the floor a leak would raise), Redis memory and stream
@@ -28,9 +28,8 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "faults"))
 
-from harness import Stack, check_accounting  # noqa: E402
+from tests.support.harness import Stack, check_accounting  # noqa: E402
 
 
 def _rss_mb(pid: int) -> float | None:

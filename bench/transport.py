@@ -20,18 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from services.protocol import Sample, TrajectoryGroup  # noqa: E402
-from services.queue import StreamQueue  # noqa: E402
-from services.redis_client import connect  # noqa: E402
-from services.redis_server import EmbeddedRedis  # noqa: E402
+from services.protocol import Sample, TrajectoryGroup
+from services.queue import StreamQueue
+from services.redis_client import connect
+from services.redis_server import EmbeddedRedis
 
 
 def make_group(rng: np.random.Generator, index: int, samples: int, tokens: int, chars_per_token: int,

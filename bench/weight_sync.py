@@ -25,19 +25,15 @@ import json
 import multiprocessing as mp
 import socket
 import statistics
-import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
 
-import torch  # noqa: E402
-
-from services.metrics import free_port  # noqa: E402
-from services.protocol import WeightsAnnouncement  # noqa: E402
-from services.weight_sync import STOP_VERSION, WeightReceiver, WeightSender  # noqa: E402
+from services.metrics import free_port
+from services.protocol import WeightsAnnouncement
+from services.weight_sync import STOP_VERSION, WeightReceiver, WeightSender
 
 
 def qwen25_05b_config():

@@ -24,7 +24,7 @@ from services.metrics import free_port
 from services.queue import GENERATOR_GROUP
 from services.redis_client import connect
 from services.redis_server import EmbeddedRedis
-from tests.faults.harness import Proc  # one process wrapper for the multi-process tests
+from tests.support.harness import Proc  # one process wrapper for the multi-process tests
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 30

@@ -21,7 +21,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.faults.harness import write_report
+from tests.support.harness import write_report
 
 ROOT = Path(__file__).resolve().parents[2]
 N = 4

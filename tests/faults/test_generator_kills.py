@@ -8,10 +8,10 @@ import signal
 import time
 
 import pytest
-from harness import Stack, check_accounting, recovery_s, write_report
 
 from services.protocol import PromptTask
 from services.queue import GENERATOR_GROUP
+from tests.support.harness import Stack, check_accounting, recovery_s, write_report
 
 
 def _held_by(client, stack: Stack, consumer: str) -> list[str]:

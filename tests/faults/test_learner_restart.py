@@ -12,9 +12,9 @@ import signal
 import time
 
 import pytest
-from harness import Stack, check_accounting, write_report
 
 from services.protocol import TrajectoryGroup
+from tests.support.harness import Stack, check_accounting, write_report
 
 CKPT = 10
 

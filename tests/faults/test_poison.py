@@ -13,10 +13,10 @@ import signal
 import msgpack
 import numpy as np
 import pytest
-from harness import Stack, check_accounting, write_report
 
 from services.protocol import SCHEMA_VERSION, PromptTask, Sample, SamplingParams, TrajectoryGroup
 from services.queue import FIELD, GENERATOR_GROUP
+from tests.support.harness import Stack, check_accounting, write_report
 
 
 def _group(task_id: str, prompt_ids, n: int, tokens: int = 3) -> TrajectoryGroup:

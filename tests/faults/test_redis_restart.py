@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import Stack, check_accounting, recovery_s, write_report
+
+from tests.support.harness import Stack, check_accounting, recovery_s, write_report
 
 
 def _restart(stack: Stack, down_s: float, rollback: Path | None = None) -> float:

@@ -15,7 +15,8 @@ import signal
 import time
 
 import pytest
-from harness import Stack, check_accounting, recovery_s, write_report
+
+from tests.support.harness import Stack, check_accounting, recovery_s, write_report
 
 OUTAGE_S = 30.0
 

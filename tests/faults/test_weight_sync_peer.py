@@ -10,7 +10,8 @@ import signal
 import time
 
 import pytest
-from harness import Stack, check_accounting, write_report
+
+from tests.support.harness import Stack, check_accounting, write_report
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-WORKER = Path(__file__).with_name("dp_worker.py")
+WORKER = Path(__file__).parents[1] / "support" / "dp_worker.py"
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -61,7 +61,7 @@ def test_two_ranks_match_one_process(tmp_path: Path, advantage: str, features: s
         for k in a:
             assert (a[k] - b[k]).abs().max().item() < 1e-10, k
     # and the step really moved the weights (a no-op trainer would pass the comparison above)
-    from tests.integration.dp_worker import make_models
+    from tests.support.dp_worker import make_models
 
     actor0, _ = make_models()
     moved = max((actor0.state_dict()[k] - v).abs().max().item()

@@ -21,7 +21,7 @@ from generator.reward_client import GradeItem, RewardClient, RewardClientError
 from reward_server.graders import run_compare
 from reward_server.sandbox import is_grader_fault
 
-FAULTY = (str(Path(__file__).with_name("faulty_reward_server.py")),)
+FAULTY = (str(Path(__file__).parents[1] / "support" / "faulty_reward_server.py"),)
 # Answers right but written otherwise than the reference, that sympy decides with modules it loads lazily.
 CASES = [("x^2+2x+1", "(x+1)^2"), ("\\frac{1}{2-\\sqrt{3}}", "2+\\sqrt{3}"), ("(2, 5]", "(2,5]")]
 

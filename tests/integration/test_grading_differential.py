@@ -1,6 +1,6 @@
 """The reward server's verdicts equal math-verify's in a plain process, for thousands of generated pairs.
 
-The pairs (tests/integration/answer_forms.py) are a reference and a second form of it, made with sympy:
+The pairs (tests/support/answer_forms.py) are a reference and a second form of it, made with sympy:
 expand/factor, together/apart, rationalised denominators, simplified radicals, log and exp identities,
 intervals with varied spacing, reordered sets, tuples in other notation or order, matrices, degrees and
 percentages; half are equivalent, half changed in one place. Each is graded over HTTP by a real
@@ -17,9 +17,10 @@ from collections import Counter
 
 import httpx
 import pytest
-from answer_forms import Pair, generate
 from conftest import reward_server_process
 from math_verify import parse, verify
+
+from tests.support.answer_forms import Pair, generate
 
 PER_CATEGORY = 210  # x 10 categories x (equivalent, not): 4,200 pairs
 BATCH = 256

@@ -1,19 +1,16 @@
-"""The multi-host tests reuse the fault tests' stack (tests/faults/harness.py) and build their hosts with
-tests/multihost/netsim.py; each test gets its own bridge and subnet."""
+"""The multi-host tests use the fault tests' stack (tests/support/harness.py) and build their hosts with
+tests/support/netsim.py; each test gets its own bridge and subnet."""
 
 from __future__ import annotations
 
 import itertools
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "faults"))
-
-from netsim import Net, available  # noqa: E402
+from tests.support.netsim import Net, available
 
 _subnets = itertools.count(10 + os.getpid() % 200)
 

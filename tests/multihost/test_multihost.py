@@ -11,7 +11,8 @@ import re
 import time
 
 import pytest
-from harness import Stack, check_accounting, recovery_s, write_report
+
+from tests.support.harness import Stack, check_accounting, recovery_s, write_report
 
 STEPS = 400  # more than any test reaches: each ends by stopping the learner (STOPPED) once it has seen enough
 

@@ -12,7 +12,7 @@ import torch
 from learner.batch import build_batch
 from learner.trainer import PPOTrainer
 from services.config import LearnerConfig
-from tests.integration.dp_worker import make_groups, make_models
+from tests.support.dp_worker import make_groups, make_models
 
 
 def _run(**overrides) -> tuple[dict, torch.nn.Module, torch.nn.Module]:

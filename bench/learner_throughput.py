@@ -8,7 +8,7 @@ Both sides run in the same process, on the same random Qwen2 actor and critic, o
   optimiser step per update, no gather, no loss terms, no statistics.
 The ratio `ppo_s / bare_s` is the overhead of the learner's bookkeeping (goal ≤ 1.25). Prints JSON.
 
-    python bench/learner.py --hidden 256 --layers 4 --prompts 16 --samples 8 --repeats 3
+    python bench/learner_throughput.py --hidden 256 --layers 4 --prompts 16 --samples 8 --repeats 3
 """
 
 from __future__ import annotations
@@ -16,22 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 # This file is named like the `learner` package it measures; keep its own folder off the import path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import numpy as np
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Model
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Model  # noqa: E402
-
-from learner.batch import build_batch  # noqa: E402
-from learner.critic import Critic  # noqa: E402
-from learner.trainer import PPOTrainer  # noqa: E402
-from services.config import LearnerConfig  # noqa: E402
-from services.protocol import Sample, TrajectoryGroup  # noqa: E402
+from learner.batch import build_batch
+from learner.critic import Critic
+from learner.trainer import PPOTrainer
+from services.config import LearnerConfig
+from services.protocol import Sample, TrajectoryGroup
 
 
 def make_models(args: argparse.Namespace) -> tuple[Qwen2ForCausalLM, Critic, Qwen2Config]:

@@ -3,7 +3,7 @@ a directory that survives a restart), one or more real reward servers, the learn
 fixed ids, each its own process with its own log. Tests kill, stop, restart and poison parts of it and then
 check the accounting with `check_accounting`.
 
-With `net` (tests/multihost/netsim.py) every part runs on a host of its own, a network namespace: Redis,
+With `net` (tests/support/netsim.py) every part runs on a host of its own, a network namespace: Redis,
 the reward server, the learner and each generator bind and dial by their hosts' addresses, so nothing can
 lean on 127.0.0.1.
 """

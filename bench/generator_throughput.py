@@ -7,7 +7,7 @@
 Both use the same engine settings and thread count, one after the other (never concurrently). Prints JSON
 with tokens/s of each and their ratio.
 
-    python bench/generator.py --prompts 384 --samples 8 [--max-inflight 96]
+    python bench/generator_throughput.py --prompts 384 --samples 8 [--max-inflight 96]
 """
 
 from __future__ import annotations
@@ -20,18 +20,16 @@ import sys
 import time
 from pathlib import Path
 
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+from transformers import AutoTokenizer
 
-from transformers import AutoTokenizer  # noqa: E402
-
-from services.config_io import config_to_env, load_config  # noqa: E402
-from services.control import Keys  # noqa: E402
-from services.metrics import free_port, wait_healthy  # noqa: E402
-from services.protocol import PromptTask, SamplingParams, TrajectoryGroup  # noqa: E402
-from services.queue import StreamQueue  # noqa: E402
-from services.redis_client import connect  # noqa: E402
-from services.redis_server import EmbeddedRedis  # noqa: E402
-from services.tasks import all_problems, split  # noqa: E402
+from services.config_io import config_to_env, load_config
+from services.control import Keys
+from services.metrics import free_port, wait_healthy
+from services.protocol import PromptTask, SamplingParams, TrajectoryGroup
+from services.queue import StreamQueue
+from services.redis_client import connect
+from services.redis_server import EmbeddedRedis
+from services.tasks import all_problems, split
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ machines. The test process itself sits on the bridge (10.77.<k>.1), like an oper
 
 Faults: `partition(host)` takes the host's link down (a pulled cable: frames are lost, connections hang
 until their timeouts), `heal(host)` brings it back; `impair(host, delay_ms, jitter_ms, loss)` on a host
-added with `impairable=True`, whose link runs through tests/multihost/wire.py (a user-space netem).
+added with `impairable=True`, whose link runs through tests/support/wire.py (a user-space netem).
 """
 
 from __future__ import annotations

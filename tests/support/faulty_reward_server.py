@@ -2,7 +2,7 @@
 `preload_grading_modules`, kept as a fault to inject. Its sealed workers cannot import what sympy loads on
 first use, so some correct answers cannot be decided; the server must answer `error` for them, never `wrong`.
 
-    python tests/integration/faulty_reward_server.py --port P   (any `orz reward-server` option)
+    python tests/support/faulty_reward_server.py --port P   (any `orz reward-server` option)
 """
 
 from __future__ import annotations
