@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from learner.gae import masked_mean
+from learner.masked import masked_mean
 
 
 def _where_valid(x: Tensor, valid: Tensor) -> Tensor:

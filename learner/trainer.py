@@ -37,9 +37,10 @@ from learner import parallel
 from learner.advantages import grpo_advantages, rloo_advantages
 from learner.batch import RolloutBatch, microbatches, pack
 from learner.critic import Critic
-from learner.gae import compute_gae, masked_mean
+from learner.gae import compute_gae
 from learner.logits import ChunkedHead
 from learner.loss import entropy_from_logits, explained_variance, kl_penalty, ppo_policy_loss, value_loss
+from learner.masked import masked_mean
 from learner.minibatch import assign
 from learner.parallel import DataParallel
 from services.config import LearnerConfig
@@ -171,7 +172,7 @@ class PPOTrainer:
         return int(t)
 
     def _whiten(self, x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-        """learner/gae.py's `masked_whiten` over the global batch: one mean and population variance over every
+        """learner/masked.py's `masked_whiten` over the global batch: one mean and population variance over every
         valid token on every rank (ORZ's `normalize_advantages`)."""
         valid = mask.bool()
         xs = torch.where(valid, x, torch.zeros_like(x)).double()

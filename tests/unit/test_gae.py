@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from learner.gae import compute_gae, masked_mean, masked_whiten
+from learner.gae import compute_gae
+from learner.masked import masked_mean, masked_whiten
 
 
 def brute_force_gae(
