@@ -145,7 +145,7 @@ def simulate(preset_name: str, *, generators: int, train_gpus: int, staleness: i
              overcommit: int = 2) -> dict:
     import subprocess
 
-    from learner.sim import SimLearner
+    from learner.sim import sim_learner
 
     preset = PRESETS[preset_name]
     cost = replace(preset.cost, train_gpus=train_gpus)
@@ -180,7 +180,7 @@ def simulate(preset_name: str, *, generators: int, train_gpus: int, staleness: i
         result_files.append(work / f"result-{k}.json")
         procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker",
                                        str(work / f"spec-{k}.json")], cwd=ROOT))
-    learner = SimLearner(cfg, cost, scale, preset.prompt_len, train_gpus)
+    learner = sim_learner(cfg, cost, scale, preset.prompt_len, train_gpus)
     t0 = time.time()
     try:
         learner.run()

@@ -24,19 +24,17 @@ from pathlib import Path
 
 import redis
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from learner import checkpoint as ckpt
 from learner import parallel
-from learner.batch import build_batch
-from learner.critic import Critic
+from learner.backend import Backend, TorchBackend
 from learner.evaluation import InTrainingEval
 from learner.feeder import Feeder
 from learner.intake import Intake
-from learner.models import critic_source, prepare
 from learner.plot import plot_curves
 from learner.telemetry import (
     LearnerMetrics,
+    StepRecord,
     export,
     export_queues,
     generator_activity,
@@ -45,10 +43,8 @@ from learner.telemetry import (
     scalars,
     step_record,
 )
-from learner.trainer import PPOTrainer
 from services.config import Config
 from services.control import CheckpointPointer, ControlPlane, Keys
-from services.membership import WeightGroup
 from services.memory import HeapTrimmer
 from services.metrics import MetricsServer
 from services.plan import warn_if_it_will_not_fit
@@ -61,9 +57,10 @@ log = logging.getLogger("orz.learner")
 
 
 class Learner:
-    def __init__(self, cfg: Config, resume: bool | str = False) -> None:
+    def __init__(self, cfg: Config, resume: bool | str = False, backend: Backend | None = None) -> None:
         """`resume`: True continues from the newest checkpoint (which must exist); "auto" does so when one
-        exists and starts fresh otherwise (a restarted Kubernetes pod)."""
+        exists and starts fresh otherwise (a restarted Kubernetes pod). `backend`: the models and their
+        training (learner/backend.py); the simulation passes a cost model."""
         self.cfg = cfg
         lc = cfg.learner
         self.dtype = lc.compute_dtype(torch.cuda.is_available())
@@ -87,33 +84,10 @@ class Learner:
             self.resume_state = ckpt.read_state(self.resume_from)
             self.version, self.step = int(self.resume_state["version"]), int(self.resume_state["step"])
 
-        self._init_models()
+        self.backend = backend or TorchBackend(cfg, self.dp, self.resume_from)
+        self.tokenizer = self.backend.tokenizer
         if self.dp.is_main:
             self._init_rank0()
-
-    def _init_models(self) -> None:
-        """Actor (from the base model or the resumed checkpoint), critic, reference, trainer and tokenizer."""
-        cfg, lc = self.cfg, self.cfg.learner
-        base = cfg.model.path
-        if not (base / "config.json").exists():
-            raise FileNotFoundError(f"no base model at {base}: run `orz make-base-model --config ...` first")
-        start = self.resume_from or base
-        self.tokenizer = AutoTokenizer.from_pretrained(str(base))
-        attn = lc.attn_implementation
-        self.actor = AutoModelForCausalLM.from_pretrained(str(start), dtype=torch.float32, attn_implementation=attn)
-        self.critic = None
-        if lc.advantage == "gae":  # GRPO and RLOO need no critic (learner/advantages.py)
-            self.critic = Critic.from_pretrained(critic_source(base, self.resume_from), attn)
-        self.reference = None
-        if lc.kl_coef > 0:
-            self.reference = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32,
-                                                                  attn_implementation=attn).eval()
-            self.reference.requires_grad_(False)
-        prepare(lc, self.dp, self.actor, self.critic, self.reference)
-        self.trainer = PPOTrainer(lc, self.actor, self.critic, self.reference,
-                                  self.dp.group if self.dp.enabled else None, cfg.sampling.temperature)
-        if self.resume_from is not None:
-            self._load_trainer_state()
 
     def _init_rank0(self) -> None:
         """Redis, the queues, the metrics, the run directory and the feeder: rank 0's share of the work."""
@@ -145,21 +119,16 @@ class Learner:
                              self.stop_event, consumed)
 
     # -- checkpoints ----------------------------------------------------------------------------------------
-    def _load_trainer_state(self) -> None:
-        state = ckpt.load_trainer(self.resume_from) if self.dp.is_main else None
-        # Schedules and RNG states are tiny: with several ranks every rank reads them from the file.
-        self.trainer.load_state_dict(state, self.dp, ckpt.load_trainer(self.resume_from) if self.dp.enabled else state)
-
     def _checkpoint(self, actor_state: dict[str, torch.Tensor], metrics_offset: int) -> None:
         """Every rank joins (optimiser states are gathered); rank 0 writes and commits the directory."""
-        trainer_state = self.trainer.state_dict(self.dp)
-        critic_state = parallel.full_state_dict(self.critic, self.dp) if self.critic is not None else None
+        trainer_state, critic_state = self.backend.checkpoint_state()
         if not self.dp.is_main:
             return
         t0 = time.time()
         tmp = ckpt.tmp_dir_for(self.ckpt_root, self.step)
-        self._save_models(tmp, actor_state, critic_state)
-        ckpt.save_trainer(tmp, trainer_state)
+        self.backend.save_models(tmp, actor_state, critic_state)
+        if trainer_state is not None:
+            ckpt.save_trainer(tmp, trainer_state)
         ckpt.write_state(tmp, {
             "step": self.step, "version": self.version, "feeder": self.feeder.state(),
             "consumed": sorted(self.intake.consumed), "metrics_offset": metrics_offset,
@@ -173,13 +142,6 @@ class Learner:
         """Where a generator that joins late finds the newest weights on disk (generator/worker.py)."""
         self.control.publish_checkpoint(CheckpointPointer(str(path.resolve()), self.version))
 
-    def _save_models(self, path: Path, actor_state: dict, critic_state: dict | None) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        self.actor.save_pretrained(path, state_dict=actor_state, safe_serialization=True)
-        self.tokenizer.save_pretrained(path)
-        if self.critic is not None:
-            self.critic.save_pretrained(path / "critic", state_dict=critic_state)
-
     # -- rank 0: Redis, feeding, collecting -----------------------------------------------------------------
     def _reset_namespace(self) -> None:
         """Every run (fresh or resumed) starts from empty streams; a resumed one re-feeds its in-flight prompts."""
@@ -189,33 +151,11 @@ class Learner:
         if self.resume_from is not None:
             self._publish_checkpoint(self.resume_from)
 
-    def _weight_group(self) -> WeightGroup:
-        # Global shapes without a gather: a DTensor's `shape` is the unsharded one.
-        names, shapes = zip(*[(n, tuple(p.shape)) for n, p in self.actor.state_dict().items()])
-        return WeightGroup(self.cfg, self.control, tuple(names), tuple(shapes),
-                           on_slow=lambda _: self.metrics.slow_peers.inc())
-
-    def _actor_state(self) -> dict[str, torch.Tensor]:
-        return parallel.full_state_dict(self.actor, self.dp)
-
-    def _vocab_size(self) -> int:
-        return int(self.actor.config.vocab_size)
-
-    def _train(self, groups: list[TrajectoryGroup]) -> dict:
-        """One PPO iteration on this rank's groups (bench/simulate.py replaces it with a cost model)."""
-        return self.trainer.step(build_batch(groups, self.tokenizer.pad_token_id))
-
-    def _shard_for_me(self, groups: list[TrajectoryGroup]) -> list[TrajectoryGroup]:
-        if not self.dp.enabled:
-            return groups
-        share = parallel.split_groups(groups, self.dp.world)[self.dp.rank]
-        return [groups[i] for i in share]
-
     # -- the loop -------------------------------------------------------------------------------------------
     def run(self) -> None:
         # Resumed: generators start from the base model, so rank 0 sends them the resumed weights first
         # (gathered here, on every rank, as a collective when sharded).
-        self._latest_state = self._actor_state()  # what a generator joining before the next step receives
+        self._latest_state = self.backend.actor_state()  # what a generator joining before the next step receives
         if not self.dp.is_main:
             try:
                 self._follow()
@@ -231,9 +171,9 @@ class Learner:
                  lc.advantage, self.dp.world)
         self._reset_namespace()
         self.evaluator = InTrainingEval(self.cfg, self.tokenizer, self.prompts, self.evals) if lc.eval_every else None
-        self.weights = self._weight_group()
+        self.weights = self.backend.weight_group(self.cfg, self.control, lambda _: self.metrics.slow_peers.inc())
         self._last_sync = 0.0
-        self.intake.vocab_size = self._vocab_size()
+        self.intake.vocab_size = self.backend.vocab_size
         self.heap = HeapTrimmer()
         self.control.set_policy_version(self.version)
         self.feeder.top_up(self.version)
@@ -242,7 +182,8 @@ class Learner:
         history = [scalars(json.loads(x)) for x in metrics_path.read_text().splitlines()] \
             if metrics_path.exists() else []
         self._metrics_file, self._history = metrics_path.open("a"), history
-        self._unwritten: list[dict] = []  # step records waiting for their evaluation (learner/evaluation.py)
+        self._unwritten: list[StepRecord] = []  # step records waiting for their evaluation (learner/evaluation.py)
+        self._eval_due: set[int] = set()  # steps whose evaluation is out
         self._dropped_total = history[-1]["dropped_stale_total"] if history else 0
         resumable_exit = False  # stopping to be resumed: generators must wait for the next group, not stop
         try:
@@ -251,7 +192,7 @@ class Learner:
                 step = record["step"]
                 if lc.eval_every and (step % lc.eval_every == 0 or step == lc.total_steps):
                     self.evaluator.start(step, self.version)
-                    record["eval_pending"] = True
+                    self._eval_due.add(step)
                 self._unwritten.append(record)
                 checkpoint = lc.checkpoint_every and (step % lc.checkpoint_every == 0 or step == lc.total_steps)
                 self._write_records(wait=checkpoint or step == lc.total_steps)
@@ -266,7 +207,7 @@ class Learner:
                 if step % 10 == 0:
                     plot_curves(history, self.run_path / "curves.png")
             parallel.send_command(self.dp, parallel.CMD_FINAL)
-            self._save_models(self.run_path / "checkpoints" / "final", *self._final_states())
+            self.backend.save_models(self.run_path / "checkpoints" / "final", *self.backend.final_states())
             self._write_accounting(self.run_path / "DONE")
         except KeyboardInterrupt:
             log.info("learner interrupted at version %d", self.version)
@@ -288,7 +229,7 @@ class Learner:
             server.close()
             parallel.close(self.dp)
 
-    def _step(self, step: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    def _step(self, step: int) -> tuple[StepRecord, dict[str, torch.Tensor]]:
         """One step: a batch of fresh groups in hand, one PPO iteration, the new version published and
         broadcast, the groups acked and marked trained, the next prompts fed. Returns the step's record
         (a metrics.jsonl line) and the new weights."""
@@ -299,10 +240,10 @@ class Learner:
         t_collected = time.time()
         groups = [g for _, g in batch]
         parallel.send_command(self.dp, parallel.CMD_BATCH, groups)
-        stats = self._train(self._shard_for_me(groups))
+        stats = self.backend.train(groups)
         self.version += 1
         self.step = step
-        actor_state = self._actor_state()
+        actor_state = self.backend.actor_state()
         self.control.set_policy_version(self.version)
         self._latest_state = actor_state
         t_trained = time.time()
@@ -323,12 +264,12 @@ class Learner:
         `all_of_them`: write every record now, with or without its evaluation (the learner is stopping)."""
         while self._unwritten:
             record = self._unwritten[0]
-            if record.pop("eval_pending", False):
+            if record["step"] in self._eval_due:
                 fields = self.evaluator.result(record["step"], self.cfg.learner.wait_timeout_s if wait else 0.0,
                                                self.stop_event) if not all_of_them else None
                 if fields is None and not all_of_them:
-                    record["eval_pending"] = True
                     return
+                self._eval_due.discard(record["step"])
                 record.update(fields or {})
                 if "eval_accuracy" in record:
                     self.metrics.eval_accuracy.set(record["eval_accuracy"])
@@ -349,10 +290,12 @@ class Learner:
         self.weights.republish()
 
     def _record(self, step: int, groups: list[TrajectoryGroup], stats: dict, drops: list[str],
-                times: tuple[float, float, float], broadcast_s: float) -> dict:
-        return step_record(step, self.version, self.cfg.learner.advantage, groups, stats, drops, self._dropped_total,
-                           times, broadcast_s, self.feeder.inflight, self.weights.members,
-                           generator_activity(self.control))
+                times: tuple[float, float, float], broadcast_s: float) -> StepRecord:
+        record = step_record(step, self.version, self.cfg.learner.advantage, groups, stats, drops,
+                             self._dropped_total, times, broadcast_s, self.feeder.inflight, self.weights.members,
+                             generator_activity(self.control))
+        record.update(self.backend.step_fields())
+        return record
 
     def _write_accounting(self, path: Path) -> None:
         """Where every task stands when the learner ends (DONE) or is stopped (STOPPED): the tasks still in
@@ -370,11 +313,6 @@ class Learner:
             "duplicates": int(self.metrics.duplicates._value.get()),
         }))
 
-    def _final_states(self) -> tuple[dict, dict | None]:
-        """Full actor and critic states; every rank calls this after CMD_STOP (a collective when sharded)."""
-        critic = parallel.full_state_dict(self.critic, self.dp) if self.critic is not None else None
-        return self._actor_state(), critic
-
     def _follow(self) -> None:
         """Ranks > 0: train on the shares rank 0 sends, join its gathers, until told to stop."""
         while True:
@@ -382,15 +320,15 @@ class Learner:
             if cmd == parallel.CMD_STOP:
                 return
             if cmd == parallel.CMD_FINAL:
-                self._final_states()
+                self.backend.final_states()
                 continue
             if cmd == parallel.CMD_CHECKPOINT:
                 self._checkpoint({}, 0)
                 continue
-            self._train(self._shard_for_me(groups))
+            self.backend.train(groups)
             self.version += 1
             self.step += 1
-            self._actor_state()
+            self.backend.actor_state()
 
 def run(cfg: Config, resume: bool | str = False) -> None:
     if int(os.environ.get("RANK", "0")) == 0:

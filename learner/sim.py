@@ -10,14 +10,13 @@ Redis spent since the previous one: the orchestration overhead, since sleeping c
 
 from __future__ import annotations
 
-import threading
 import time
 
 import torch
 
-from learner import parallel
 from learner.main import Learner
 from services.config import Config
+from services.control import ControlPlane
 from services.costmodel import CostModel
 from services.membership import WeightGroup
 from services.protocol import TrajectoryGroup
@@ -50,54 +49,53 @@ class _SimWeightGroup(WeightGroup):
         return sent + self.cost.broadcast_s() * self.scale
 
 
-class SimLearner(Learner):
-    def __init__(self, cfg: Config, cost: CostModel, time_scale: float, prompt_len: int,
-                 train_gpus: int | None = None) -> None:
-        self.cfg = cfg
+class CostBackend:
+    """`learner.backend.Backend` with the GPU work replaced by the cost model's time."""
+
+    def __init__(self, cost: CostModel, time_scale: float, prompt_len: int, train_gpus: int | None = None) -> None:
         self.cost, self.scale = cost, time_scale
         self.train_gpus = train_gpus or cost.train_gpus
-        self.dp = parallel.init_from_env()
-        self.run_path = cfg.run_path
-        self.ckpt_root = self.run_path / "checkpoints"
-        self.stop_event = threading.Event()
-        self.version = self.step = 0
-        self.resume_from = self.resume_state = None
         self.tokenizer = PromptTokens(prompt_len)
-        self.actor = self.critic = self.reference = self.trainer = None
+        self.vocab_size = 2**31 - 1  # the cost models' token ids are placeholders
+        self.control: ControlPlane | None = None
         self._cpu_mark: tuple[float, float] | None = None
-        self._init_rank0()
 
-    def _train(self, groups: list[TrajectoryGroup]) -> dict:
+    def train(self, groups: list[TrajectoryGroup]) -> dict:
         tokens = sum(len(g.prompt_ids) + len(s.response_ids) for g in groups for s in g.samples)
         seconds = self.cost.train_s(tokens, self.train_gpus)
         time.sleep(seconds * self.scale)
         return {"simulated_train_s": seconds, "tokens": tokens}
 
-    def _actor_state(self) -> dict[str, torch.Tensor]:
+    def actor_state(self) -> dict[str, torch.Tensor]:
         return STAND_IN
 
-    def _vocab_size(self) -> int:
-        return 2**31 - 1  # the cost models' token ids are placeholders
-
-    def _weight_group(self) -> WeightGroup:
-        names, shapes = zip(*[(n, tuple(t.shape)) for n, t in STAND_IN.items()])
-        return _SimWeightGroup(self.cfg, self.control, tuple(names), tuple(shapes), cost=self.cost,
-                               time_scale=self.scale)
-
-    def _final_states(self) -> tuple[dict, None]:
+    def final_states(self) -> tuple[dict, None]:
         return STAND_IN, None
 
-    def _save_models(self, path, actor_state, critic_state) -> None:
+    def checkpoint_state(self) -> tuple[None, None]:
+        return None, None
+
+    def save_models(self, path, actor_state, critic_state) -> None:
         return None
 
-    def _cpu(self) -> tuple[float, float]:
-        return time.process_time(), self.control.server_cpu_s()
+    def weight_group(self, cfg: Config, control: ControlPlane, on_slow) -> WeightGroup:
+        self.control = control
+        names, shapes = zip(*[(n, tuple(t.shape)) for n, t in STAND_IN.items()])
+        return _SimWeightGroup(cfg, control, tuple(names), tuple(shapes), cost=self.cost, time_scale=self.scale,
+                               on_slow=on_slow)
 
-    def _record(self, *args, **kwargs) -> dict:
-        record = super()._record(*args, **kwargs)
-        now = self._cpu()
+    def step_fields(self) -> dict:
+        """The CPU seconds this process and Redis spent since the previous step: the orchestration overhead."""
+        assert self.control is not None
+        now = time.process_time(), self.control.server_cpu_s()
+        fields = {}
         if self._cpu_mark is not None:
-            record["learner_cpu_s"] = now[0] - self._cpu_mark[0]
-            record["redis_cpu_s"] = now[1] - self._cpu_mark[1]
+            fields = {"learner_cpu_s": now[0] - self._cpu_mark[0], "redis_cpu_s": now[1] - self._cpu_mark[1]}
         self._cpu_mark = now
-        return record
+        return fields
+
+
+def sim_learner(cfg: Config, cost: CostModel, time_scale: float, prompt_len: int,
+                train_gpus: int | None = None) -> Learner:
+    """The real `Learner` loop over a `CostBackend`."""
+    return Learner(cfg, backend=CostBackend(cost, time_scale, prompt_len, train_gpus))

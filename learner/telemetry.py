@@ -7,6 +7,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from typing import TypedDict
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -59,9 +60,53 @@ class LearnerMetrics:
         self.last_step_ts = Gauge("orz_learner_last_step_timestamp_seconds", "time of the last step", registry=r)
 
 
+class StepRecord(TypedDict, total=False):
+    """One line of metrics.jsonl: a learner step (`eval_*`: the in-training evaluation of that step's weights,
+    learner/evaluation.py; `learner_cpu_s`, `redis_cpu_s`: the simulation's overhead figures)."""
+
+    step: int
+    time: float
+    policy_version: int  # after the step
+    advantage: str
+    reward_mean: float
+    response_len_mean: float
+    truncated_frac: float
+    staleness_mean: float
+    staleness_max: int
+    dropped_stale: int
+    dropped_stale_total: int
+    clipfrac: float
+    approx_kl: float
+    behavior_kl: float
+    is_truncated_frac: float
+    value_loss: float
+    explained_variance: float
+    padded_fraction: float
+    wait_s: float
+    train_s: float
+    broadcast_s: float
+    step_time_s: float
+    inflight_prompts: int
+    weight_sync_members: list[str]
+    group_versions: list[int]
+    group_versions_last: list[int]
+    generator_ids: list[str]
+    generator_activity: dict[str, list[float]]
+    group_generators: list[str]
+    task_ids: list[str]
+    stats: dict
+    eval_accuracy: float
+    eval_problems: int
+    eval_policy_versions: list[int]
+    eval_truncated_frac: float
+    eval_missing: int
+    learner_cpu_s: float
+    redis_cpu_s: float
+
+
 def step_record(step: int, version: int, advantage: str, groups: Sequence[TrajectoryGroup], stats: dict,
                 drops: list[str], dropped_total: int, times: tuple[float, float, float], broadcast_s: float,
-                inflight: int, members: Sequence[str], activity: dict[str, list[float]]) -> dict:
+                inflight: int, members: Sequence[str], activity: dict[str, list[float]]) -> StepRecord:
     """One step's line of metrics.jsonl. `version`: the policy version after the step; `times`: when the
     step started, when its batch was in hand, when training ended."""
     t_start, t_collected, t_trained = times
@@ -69,7 +114,7 @@ def step_record(step: int, version: int, advantage: str, groups: Sequence[Trajec
     lengths = np.array([len(s.response_ids) for g in groups for s in g.samples])
     truncated = np.array([s.finish_reason == "length" for g in groups for s in g.samples])
     staleness = np.array([version - 1 - g.policy_version for g in groups])
-    return {
+    return StepRecord(**{
         "step": step, "time": time.time(), "policy_version": version, "advantage": advantage,
         "reward_mean": float(rewards.mean()), "response_len_mean": float(lengths.mean()),
         "truncated_frac": float(truncated.mean()),
@@ -91,7 +136,7 @@ def step_record(step: int, version: int, advantage: str, groups: Sequence[Trajec
         "group_generators": [g.generator_id for g in groups],
         "task_ids": [g.task_id for g in groups],
         "stats": stats,
-    }
+    })
 
 
 def generator_activity(control: ControlPlane) -> dict[str, list[float]]:
