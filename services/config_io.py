@@ -4,6 +4,7 @@ configuration reference (docs/configuration.md)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import os
@@ -11,10 +12,39 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import annotated_types
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from services.config import ENV_PREFIX, Config, ConfigError
+
+BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than_equal", "less_than")
+
+
+def _bound_message(section: str, key: str, value: Any) -> str:
+    """A value outside its field's bounds (`ge`/`gt`/`le` on the field in services/config.py), as one line:
+    `learner.max_staleness must be >= 0, got -1`, `learner.gamma must be in [0, 1], got 1.5`."""
+    field = Config.model_fields[section].annotation.model_fields[key]
+    low = high = None
+    strict = False
+    for m in field.metadata:
+        if isinstance(m, annotated_types.Gt):
+            low, strict = m.gt, True
+        elif isinstance(m, annotated_types.Ge):
+            low = m.ge
+        elif isinstance(m, annotated_types.Le):
+            high = m.le
+    kind = next((t for t in (float, int) if t in (field.annotation, *getattr(field.annotation, "__args__", ()))),
+                None)
+    with contextlib.suppress(TypeError, ValueError):
+        value = kind(value) if kind is not None and not isinstance(value, bool) else value
+    if high is None:
+        bounds = f"{'>' if strict else '>='} {low}"
+    elif low is None:
+        bounds = f"<= {high}"
+    else:
+        bounds = f"in {'(' if strict else '['}{low}, {high}]"
+    return f"{section}.{key} must be {bounds}, got {value!r}"
 
 
 def _explain(exc: ValidationError, source: str) -> ConfigError:
@@ -34,6 +64,8 @@ def _explain(exc: ValidationError, source: str) -> ConfigError:
             lines.append(f"{loc}: unknown key" + (f" (did you mean {close[0]}?)" if close else ""))
         elif err["type"] == "value_error" and not err["loc"]:
             lines.extend(str(err["ctx"]["error"]).splitlines())
+        elif err["type"] in BOUND_ERRORS and len(err["loc"]) == 2:
+            lines.append(_bound_message(str(err["loc"][0]), str(err["loc"][1]), err.get("input")))
         else:
             lines.append(f"{loc}: {err['msg']}, got {err.get('input')!r}")
     return ConfigError(f"invalid configuration ({source}):\n" + "\n".join(f"  - {line}" for line in lines))
