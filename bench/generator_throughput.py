@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from generator_backends import timed
 from transformers import AutoTokenizer
 
 from services.config_io import config_to_env, load_config
@@ -40,12 +41,7 @@ def bare_tokens_per_s(cfg, prompt_ids: list[list[int]], params: SamplingParams, 
     gc = cfg.generator
     engine = VllmEngine(cfg.model.path, dtype=gc.dtype, max_model_len=gc.max_model_len, kv_cache_mb=gc.kv_cache_mb,
                         seed=0, threads=gc.threads)
-    engine.generate(prompt_ids[:4], [params] * 4, [n] * 4)  # warm-up
-    t0 = time.perf_counter()
-    outs = engine.generate(prompt_ids, [params] * len(prompt_ids), [n] * len(prompt_ids))
-    seconds = time.perf_counter() - t0
-    tokens = sum(len(c.token_ids) for comps in outs for c in comps)
-    return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1)}
+    return timed(engine, prompt_ids, params, n)
 
 
 def system_tokens_per_s(cfg, tasks: list[PromptTask], timeout_s: float) -> dict:
