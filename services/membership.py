@@ -111,6 +111,10 @@ class WeightGroup:
         if live != self.members or (self.sender is None and live):
             if self._failed is not None and self._failed[0] == live and time.time() - self._failed[1] < self.retry_s:
                 return None  # the same set just failed to join; wait for heartbeats to change
+            if self.members and live != self.members:
+                left, joined = set(self.members) - set(live), set(live) - set(self.members)
+                log.info("weight-sync membership changed (left: %s; joined: %s): re-forming the group",
+                         ", ".join(sorted(left)) or "-", ", ".join(sorted(joined)) or "-")
             self._form(live)
         if self.sender is None or version == self.sent_version:
             return None
