@@ -153,8 +153,7 @@ class LearnerConfig(_Section):
     n_samples: int = Field(8, description="samples per prompt; ORZ: 64", ge=1)
     max_staleness: int = Field(1, description="groups sampled more than this many versions ago are dropped", ge=0)
     max_inflight_prompts: int | None = Field(
-        None, description="default batch_prompts × (max_staleness + 1) (AReaL's admission rule)"
-    , ge=1)
+        None, ge=1, description="default batch_prompts × (max_staleness + 1) (AReaL's admission rule)")
     advantage: Literal["gae", "grpo", "rloo"] = Field(
         "gae", description="advantage estimator: gae (ORZ, with a critic), grpo (group mean/std), rloo (leave-one-out)")
     grpo_scale_by_std: bool = Field(True, description="grpo: divide by the group's std (false: Dr. GRPO)")
