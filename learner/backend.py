@@ -76,7 +76,7 @@ class TorchBackend:
             self.reference.requires_grad_(False)
         prepare(lc, dp, self.actor, self.critic, self.reference)
         self.trainer = PPOTrainer(lc, self.actor, self.critic, self.reference, dp.group if dp.enabled else None,
-                                  cfg.sampling.temperature)
+                                  cfg.sampling.temperature, cfg.sampling.max_tokens)
         if resume_from is not None:
             state = ckpt.load_trainer(resume_from) if dp.is_main else None
             # Schedules and RNG states are tiny: with several ranks every rank reads them from the file.

@@ -32,6 +32,9 @@ def ppo_policy_loss(
     clip_eps: float,
     is_cap: float,
     is_correction: str = "token",
+    clip_eps_high: float | None = None,
+    agg: str = "token_mean",
+    norm_tokens: int = 1,
 ) -> tuple[Tensor, dict[str, float]]:
     """Decoupled PPO (Hilton et al. 2021, "Batch size-invariance for policy optimization"; AReaL's
     decoupled PPO), as docs/architecture.md writes it:
@@ -42,6 +45,9 @@ def ppo_policy_loss(
 
     The mean is over every valid token of the batch (token-level, as ORZ). With π_prox = μ (no staleness,
     matching numerics) w = 1 and this is ORZ's PPO loss.
+
+    `clip_eps_high` (DAPO's clip-higher) replaces ε on the upper edge only: the ratio is clipped to
+    [1 − clip_eps, 1 + clip_eps_high]. `agg` is how the per-token losses become one (`aggregate`).
 
     `is_correction="none"` drops w (w = 1): exactly ORZ's PPO loss, right when there is no staleness
     (`max_staleness: 0`), where w differs from 1 only by the generator's and the learner's numerics.
@@ -87,13 +93,14 @@ def ppo_policy_loss(
     else:
         raise ValueError(f"is_correction must be 'none', 'token' or 'sequence', got {is_correction!r}")
 
+    high = clip_eps if clip_eps_high is None else clip_eps_high
     unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
-    loss = -masked_mean(is_weight * torch.min(unclipped, clipped), mask)
+    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high) * advantages
+    loss = aggregate(-is_weight * torch.min(unclipped, clipped), mask, agg, norm_tokens)
 
     with torch.no_grad():
         ratio_d = ratio.detach()
-        clipped_on = ((ratio_d > 1.0 + clip_eps) & (advantages > 0)) | ((ratio_d < 1.0 - clip_eps) & (advantages < 0))
+        clipped_on = ((ratio_d > 1.0 + high) & (advantages > 0)) | ((ratio_d < 1.0 - clip_eps) & (advantages < 0))
         stats = {
             "policy_loss": loss.item(),
             "clipfrac": masked_mean(clipped_on.float(), mask).item(),
@@ -103,6 +110,33 @@ def ppo_policy_loss(
             "is_truncated_frac": masked_mean(truncated.float(), mask).item(),
         }
     return loss, stats
+
+
+LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def aggregate(per_token: Tensor, mask: Tensor, agg: str, norm_tokens: int = 1) -> Tensor:
+    """One loss from per-token losses [B, T] over the valid tokens (`learner.loss_agg`):
+
+        token_mean               Σ_i Σ_t l_it / Σ_i |y_i|        every token weighs the same (DAPO; ORZ)
+        seq_mean_token_mean      (1/N) Σ_i (Σ_t l_it / |y_i|)     every sequence weighs the same (GRPO)
+        seq_mean_token_sum_norm  (1/N) Σ_i Σ_t l_it / L          a constant L, no length bias (Dr. GRPO)
+
+    N counts the sequences with at least one valid token; L is `norm_tokens` (the sampling max_tokens). The
+    trainer weighs each micro-batch by its share of the step's tokens (token_mean) or sequences (the others),
+    so the loss of a step is the same on 1 rank and on K.
+    """
+    valid = mask.bool()
+    x = torch.where(valid, per_token, torch.zeros_like(per_token))
+    if agg == "token_mean":
+        return x.sum() / valid.sum().clamp(min=1)
+    has = valid.any(dim=1)
+    n = has.sum().clamp(min=1)
+    if agg == "seq_mean_token_mean":
+        return (x.sum(dim=1) / valid.sum(dim=1).clamp(min=1))[has].sum() / n
+    if agg == "seq_mean_token_sum_norm":
+        return x.sum(dim=1)[has].sum() / norm_tokens / n
+    raise ValueError(f"loss_agg must be one of {', '.join(LOSS_AGGS)}, got {agg!r}")
 
 
 def kl_penalty(logprobs: Tensor, reference_logprobs: Tensor, mask: Tensor) -> Tensor:

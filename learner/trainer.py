@@ -43,6 +43,7 @@ from learner.loss import entropy_from_logits, explained_variance, kl_penalty, pp
 from learner.masked import masked_mean
 from learner.minibatch import assign
 from learner.parallel import DataParallel
+from learner.shaping import overlong_penalty
 from services.config import LearnerConfig
 
 
@@ -123,12 +124,16 @@ class PPOTrainer:
 
     def __init__(self, cfg: LearnerConfig, actor: nn.Module, critic: Critic | None,
                  reference: nn.Module | None = None, group: dist.ProcessGroup | None = None,
-                 temperature: float = 1.0) -> None:
+                 temperature: float = 1.0, max_tokens: int | None = None) -> None:
         """`temperature`: the generators' sampling temperature (sampling.temperature); the log-probs of π_θ,
-        π_prox and π_ref are those of softmax(logits / temperature), as vLLM's μ is."""
+        π_prox and π_ref are those of softmax(logits / temperature), as vLLM's μ is. `max_tokens`: the
+        sampling cap (sampling.max_tokens), for overlong shaping and Dr. GRPO's constant normaliser."""
         if temperature <= 0:
             raise ValueError(f"sampling temperature must be > 0 for training, got {temperature}")
         self.temperature = float(temperature)
+        self.max_tokens = max_tokens
+        if (cfg.overlong_buffer_tokens or cfg.loss_agg == "seq_mean_token_sum_norm") and max_tokens is None:
+            raise ValueError("overlong shaping and loss_agg seq_mean_token_sum_norm need the sampling max_tokens")
         if cfg.advantage == "gae" and critic is None:
             raise ValueError("advantage 'gae' needs a critic")
         if cfg.kl_coef > 0 and reference is None:
@@ -189,12 +194,12 @@ class PPOTrainer:
         n = self._max(len(mbs))
         return [(rows, 1.0) for rows in mbs] + [(mbs[-1], 0.0)] * (n - len(mbs))
 
-    def _steps(self, batch: RolloutBatch, n: int, whole: list[tuple[torch.Tensor, float]],
-               n_tokens: float) -> list[tuple[list[tuple[torch.Tensor, float]], float]]:
+    def _steps(self, batch: RolloutBatch, n: int, whole: list[tuple[torch.Tensor, float]], n_tokens: float,
+               units=None) -> list[tuple[list[tuple[torch.Tensor, float]], float]]:
         """The `n` optimiser steps of one model: each one's micro-batches and the global response tokens it
-        covers. ORZ's: the batch's samples shuffled and dealt into `n` mini-batches balanced by tokens, the same
-        on 1 rank and on K (learner/minibatch.py), at most one pass; `step_over: batch`: every step over the
-        whole batch (an epoch each)."""
+        covers (or the global `units(rows)`: what the loss averages over, tokens or sequences). ORZ's: the
+        batch's samples shuffled and dealt into `n` mini-batches balanced by tokens, the same on 1 rank and on
+        K (learner/minibatch.py), at most one pass; `step_over: batch`: every step over the whole batch."""
         if self.cfg.step_over == "batch" or n == 1:
             return [(whole, n_tokens)] * n
         seed = self.cfg.seed * 7919 + self.actor_sched.last_epoch  # a fresh shuffle every iteration, resumable
@@ -206,7 +211,7 @@ class PPOTrainer:
             mbs = microbatches(batch, self.cfg.max_tokens_per_microbatch, self.cfg.packing, rows) if len(rows) else []
             spare = mbs[-1] if mbs else torch.zeros(1, dtype=torch.long, device=rows.device)  # weight 0: collectives
             schedule = [(r, 1.0) for r in mbs] + [(spare, 0.0)] * (self._max(len(mbs)) - len(mbs))
-            (tokens,) = self._sum([float(batch.response_mask[rows].sum())])
+            (tokens,) = self._sum([units(rows) if units is not None else float(batch.response_mask[rows].sum())])
             out.append((schedule, tokens))
         return out
 
@@ -265,6 +270,12 @@ class PPOTrainer:
 
         returns = None
         rewards = batch.rewards.to(dtype)
+        if cfg.overlong_buffer_tokens:  # DAPO's soft overlong punishment, on each sample's last token
+            lens = mask.sum(dim=1)
+            shaped = overlong_penalty(lens, self.max_tokens, cfg.overlong_buffer_tokens, cfg.overlong_penalty)
+            last = (lens - 1).clamp(min=0).long()
+            rewards = rewards.clone()
+            rewards[torch.arange(len(lens), device=rewards.device), last] += shaped.to(dtype) * (lens > 0)
         if cfg.advantage == "gae":
             advantages, returns = compute_gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
         elif cfg.advantage == "grpo":
@@ -280,10 +291,19 @@ class PPOTrainer:
         lrs: dict[str, float] = {}  # the learning rate of each model's last optimiser step (the same on every rank)
         with_entropy = cfg.entropy_coef > 0
         self.actor.train()
-        policy_steps = self._steps(batch, cfg.policy_steps_per_iter, schedule, n_tokens)
-        for step_schedule, step_tokens in policy_steps:
+        # The policy loss's tokens (truncated samples left out with mask_truncated: DAPO's overlong filtering) and
+        # what it averages over: tokens, or sequences (loss_agg).
+        policy_mask = mask * (~batch.truncated).to(mask.dtype)[:, None] if cfg.mask_truncated else mask
+
+        def policy_units(rows: torch.Tensor) -> float:
+            m = policy_mask[rows]
+            return float(m.sum()) if cfg.loss_agg == "token_mean" else float((m.sum(dim=1) > 0).sum())
+
+        (n_units,) = self._sum([policy_units(torch.arange(batch.size, device=mask.device))])
+        policy_steps = self._steps(batch, cfg.policy_steps_per_iter, schedule, n_units, policy_units)
+        for step_schedule, step_units in policy_steps:
             self.actor_opt.zero_grad(set_to_none=True)
-            scale = self.world / step_tokens  # loss · world (FSDP averages gradients) / the step's global tokens
+            scale = self.world / max(step_units, 1.0)  # loss · world (FSDP averages gradients) / the step's units
             for rows, use in step_schedule:
                 mb = batch.select(rows)
                 width = mb.response_mask.shape[1]
@@ -291,7 +311,8 @@ class PPOTrainer:
                 logprobs, entropy = out if with_entropy else (out, None)
                 prox = proximal[rows, :width] if need_prox else logprobs.detach()
                 loss, st = ppo_policy_loss(logprobs, prox, mb.behavior_logprobs, advantages[rows, :width],
-                                           mb.response_mask, cfg.clip_eps, cfg.is_cap, cfg.is_correction)
+                                           policy_mask[rows, :width], cfg.clip_eps, cfg.is_cap, cfg.is_correction,
+                                           cfg.clip_eps_high, cfg.loss_agg, self.max_tokens or 1)
                 if self.reference is not None:
                     kl = kl_penalty(logprobs, reference[rows, :width], mb.response_mask)
                     loss = loss + cfg.kl_coef * kl
@@ -300,7 +321,7 @@ class PPOTrainer:
                     ent = masked_mean(entropy, mb.response_mask)
                     loss = loss - cfg.entropy_coef * ent
                     st["entropy"] = ent.item()
-                weight = use * float(mb.response_mask.sum()) * scale
+                weight = use * policy_units(rows) * scale
                 (loss * weight).backward()
                 for k, v in st.items():
                     stats[k] += v * weight / self.world / len(policy_steps)

@@ -160,7 +160,20 @@ class LearnerConfig(_Section):
     gamma: float = Field(1.0, description="GAE discount (ORZ: 1)", ge=0, le=1)
     lam: float = Field(1.0, description="GAE λ (ORZ: 1)", ge=0, le=1)
     normalize_advantages: bool = Field(True, description="batch-level advantage whitening (ORZ)")
-    clip_eps: float = Field(0.2, description="PPO ratio clip ε", gt=0)
+    clip_eps: float = Field(0.2, description="PPO ratio clip ε (both edges unless clip_eps_high is set)", gt=0)
+    clip_eps_high: float | None = Field(
+        None, gt=0, description="upper clip edge: the ratio is clipped to [1 − clip_eps, 1 + clip_eps_high] "
+        "(DAPO's clip-higher: 0.28); unset: clip_eps")
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
+        "token_mean", description="policy loss over tokens: token_mean (ORZ, DAPO), seq_mean_token_mean (GRPO: "
+        "each sequence weighs the same), seq_mean_token_sum_norm (Dr. GRPO: token sums / sampling.max_tokens)")
+    overlong_buffer_tokens: int = Field(
+        0, ge=0, description="DAPO's soft overlong punishment: a response in the last this many tokens before "
+        "sampling.max_tokens loses overlong_penalty × its depth into them / this, linearly; 0: off")
+    overlong_penalty: float = Field(1.0, ge=0, description="the whole overlong penalty, at sampling.max_tokens")
+    mask_truncated: bool = Field(
+        False, description="leave samples that hit sampling.max_tokens out of the policy loss (DAPO's overlong "
+        "filtering); the critic still trains on them")
     value_clip: float = Field(0.2, description="value clip ε_v", gt=0)
     is_cap: float = Field(2.0, description="truncation c of the importance weight π_prox/μ", ge=1)
     is_correction: Literal["none", "token", "sequence"] = Field(
@@ -306,6 +319,9 @@ class Config(_Section):
         if self.sampling.top_p < 1.0:
             problems.append(f"sampling.top_p ({self.sampling.top_p}) must be 1 for training: the learner's log-probs "
                             "are of the whole tempered distribution, and a nucleus would make vLLM's differ from them")
+        if lc.overlong_buffer_tokens > self.sampling.max_tokens:
+            problems.append(f"learner.overlong_buffer_tokens ({lc.overlong_buffer_tokens}) exceeds "
+                            f"sampling.max_tokens ({self.sampling.max_tokens})")
         if self.task.max_terms < self.task.min_terms:
             problems.append(f"task.max_terms ({self.task.max_terms}) is below task.min_terms ({self.task.min_terms})")
         ws = self.weight_sync

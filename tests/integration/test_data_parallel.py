@@ -31,7 +31,8 @@ CRITIC_KEYS = ["value_loss", "critic_grad_norm", "value_mean"]
 
 
 @pytest.mark.parametrize(("advantage", "features"), [("gae", ""), ("grpo", ""), ("gae", "checkpointing,chunked"),
-                                                   ("gae", "checkpointing,chunked,packed"), ("gae", "epochs")])
+                                                   ("gae", "checkpointing,chunked,packed"), ("gae", "epochs"),
+                                                   ("grpo", "seqmean"), ("grpo", "drgrpo,cliphigh,overlong,masktrunc")])
 def test_two_ranks_match_one_process(tmp_path: Path, advantage: str, features: str) -> None:
     single = _run(tmp_path / "one", advantage, None, features)
     double = _run(tmp_path / "two", advantage, 2, features)

@@ -9,7 +9,10 @@ of learner features to turn on: `checkpointing` (activation checkpointing per de
 (log-probs from the final hidden states in chunks of 5 positions, learner/logits.py), `bf16` (fp32 master
 weights, bf16 compute through FSDP2's mixed precision, also on one process), `packed` (padding-free
 micro-batches, learner/batch.py), `epochs` (every optimiser step over the whole batch instead of ORZ's
-mini-batches). The models are made ready by
+mini-batches), and the DAPO family: `seqmean` / `drgrpo` (loss_agg seq_mean_token_mean /
+seq_mean_token_sum_norm), `cliphigh` (clip_eps_high 0.28), `overlong` (a 4-token overlong buffer before
+max_tokens 12), `masktrunc` (the 11-token samples marked truncated and left out of the policy loss). The
+models are made ready by
 learner/models.py, as a learner rank makes them.
 """
 
@@ -34,6 +37,7 @@ from services.config import LearnerConfig
 from services.protocol import Sample, TrajectoryGroup
 
 VOCAB = 64
+MAX_TOKENS = 12  # the samples' lengths are 1..11
 
 
 def make_models() -> tuple[Qwen2ForCausalLM, Critic]:
@@ -79,14 +83,23 @@ def main() -> None:
     cfg = LearnerConfig(advantage=advantage, actor_lr=1e-3, critic_lr=1e-3, warmup_steps=1, critic_steps_per_iter=3,
                         is_cap=1.5, max_tokens_per_microbatch=40, logits_chunk_tokens=5 if "chunked" in features else 0,
                         activation_checkpointing="checkpointing" in features, packing="packed" in features,
-                        step_over="batch" if "epochs" in features else "minibatches")
+                        step_over="batch" if "epochs" in features else "minibatches",
+                        loss_agg={"seqmean": "seq_mean_token_mean", "drgrpo": "seq_mean_token_sum_norm"}.get(
+                            next((f for f in features if f in ("seqmean", "drgrpo")), ""), "token_mean"),
+                        clip_eps_high=0.28 if "cliphigh" in features else None,
+                        overlong_buffer_tokens=4 if "overlong" in features else 0,
+                        mask_truncated="masktrunc" in features)
     prepare(cfg, dp, actor, critic)  # as every learner rank does (learner/models.py)
     compute_dtypes: set[str] = set()
     if dp.sharded:  # the dtype the first decoder layer computes in
         parallel.decoder_layers(actor)[0].register_forward_hook(
             lambda mod, args, out: compute_dtypes.add(str((out[0] if isinstance(out, tuple) else out).dtype)))
-    trainer = PPOTrainer(cfg, actor, critic, None, dp.group if dp.enabled else None)
+    trainer = PPOTrainer(cfg, actor, critic, None, dp.group if dp.enabled else None, max_tokens=MAX_TOKENS)
     groups = make_groups()
+    if "masktrunc" in features:  # the longest samples hit the cap
+        groups = [TrajectoryGroup(g.task_id, g.prompt_ids, tuple(
+            Sample(s.response_ids, s.logprobs, s.reward, "length" if len(s.response_ids) == 11 else s.finish_reason,
+                   s.text) for s in g.samples), g.policy_version, g.generator_id) for g in groups]
     share = parallel.split_groups(groups, dp.world)[dp.rank]
     batch = build_batch([groups[i] for i in share], pad_id=0)
     history = [trainer.step(batch) for _ in range(2)]

@@ -1,0 +1,109 @@
+"""The DAPO-family loss options against references written out in plain Python loops: each loss aggregation
+(value and gradient), clip-higher at both edges, the overlong penalty at each boundary token, and masked
+truncated samples."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from learner.loss import aggregate, ppo_policy_loss
+from learner.shaping import overlong_penalty
+
+
+def _ragged(seed: int = 0, rows: int = 5, width: int = 7) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    rng = random.Random(seed)
+    lens = [rng.randint(0, width) for _ in range(rows)]
+    lens[0] = width  # one full row
+    lens[1] = 0  # one empty row: no sequence, no token
+    values = torch.tensor([[rng.uniform(-2, 2) for _ in range(width)] for _ in range(rows)], dtype=torch.float64)
+    mask = torch.tensor([[1.0 if t < n else 0.0 for t in range(width)] for n in lens], dtype=torch.float64)
+    values[mask == 0] = float("nan")  # padding must never reach the result
+    return values, mask, lens
+
+
+def _reference(values: torch.Tensor, lens: list[int], agg: str, norm: int) -> float:
+    rows = [[float(values[i, t]) for t in range(n)] for i, n in enumerate(lens) if n > 0]
+    if agg == "token_mean":
+        return sum(sum(r) for r in rows) / sum(len(r) for r in rows)
+    if agg == "seq_mean_token_mean":
+        return sum(sum(r) / len(r) for r in rows) / len(rows)
+    return sum(sum(r) / norm for r in rows) / len(rows)
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+def test_each_aggregation_and_its_gradient(agg: str) -> None:
+    values, mask, lens = _ragged()
+    x = values.clone().nan_to_num(0.0).requires_grad_(True)
+    got = aggregate(torch.where(mask.bool(), x, values), mask, agg, norm_tokens=10)
+    assert got.item() == pytest.approx(_reference(values, lens, agg, 10), rel=1e-12)
+    got.backward()
+    n_seq = sum(1 for n in lens if n > 0)
+    for i, n in enumerate(lens):
+        for t in range(values.shape[1]):
+            want = 0.0
+            if t < n:  # ∂/∂l_it, by hand
+                want = {"token_mean": 1 / sum(lens), "seq_mean_token_mean": 1 / (n_seq * n),
+                        "seq_mean_token_sum_norm": 1 / (n_seq * 10)}[agg]
+            assert x.grad[i, t].item() == pytest.approx(want, rel=1e-12, abs=1e-15), (i, t)
+
+
+def test_an_empty_mask_aggregates_to_zero_not_nan() -> None:
+    for agg in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"):
+        assert aggregate(torch.ones(2, 3), torch.zeros(2, 3), agg, 4).item() == 0.0
+
+
+def _one_token_loss(ratio: float, adv: float, low: float, high: float | None) -> tuple[float, float]:
+    """(loss, clipped?) of one token through ppo_policy_loss, with π_prox = μ (w = 1)."""
+    lp = torch.tensor([[math.log(ratio)]], dtype=torch.float64)
+    zero = torch.zeros(1, 1, dtype=torch.float64)
+    loss, st = ppo_policy_loss(lp, zero, zero, torch.tensor([[adv]], dtype=torch.float64), torch.ones(1, 1),
+                               low, 2.0, "token", clip_eps_high=high)
+    return loss.item(), st["clipfrac"]
+
+
+@pytest.mark.parametrize(("ratio", "adv", "loss", "clipped"), [
+    (1.30, 1.0, -1.28, 1.0),   # above 1 + 0.28 with A > 0: clipped at the high edge
+    (1.25, 1.0, -1.25, 0.0),   # inside the raised edge: not clipped (with symmetric 0.2 it would be)
+    (0.70, -1.0, 0.80, 1.0),   # below 1 − 0.2 with A < 0: clipped at the low edge, unchanged by clip-higher
+    (0.85, -1.0, 0.85, 0.0),   # inside the low edge
+    (1.30, -1.0, 1.30, 0.0),   # above the high edge with A < 0: the unclipped term is the minimum
+    (0.70, 1.0, -0.70, 0.0),   # below the low edge with A > 0: likewise
+])
+def test_clip_higher_at_both_edges(ratio: float, adv: float, loss: float, clipped: float) -> None:
+    # L = −min(r·A, clip(r, 1 − 0.2, 1 + 0.28)·A), by hand for each case
+    got, frac = _one_token_loss(ratio, adv, 0.2, 0.28)
+    assert got == pytest.approx(loss, rel=1e-12) and frac == clipped
+
+
+def test_clip_eps_high_unset_is_the_symmetric_clip() -> None:
+    assert _one_token_loss(1.25, 1.0, 0.2, None) == pytest.approx((-1.2, 1.0))
+    assert _one_token_loss(1.25, 1.0, 0.2, 0.2) == _one_token_loss(1.25, 1.0, 0.2, None)
+
+
+def test_overlong_penalty_at_each_boundary_token() -> None:
+    # max_tokens 10, buffer 4: free up to 6 tokens, then −p·(|y| − 6)/4 up to −p at 10
+    lens = torch.tensor([0, 5, 6, 7, 8, 9, 10])
+    got = overlong_penalty(lens, 10, 4, 0.5).tolist()
+    assert got == pytest.approx([0, 0, 0, -0.125, -0.25, -0.375, -0.5])
+    assert overlong_penalty(lens, 10, 0, 0.5).tolist() == [0.0] * 7  # off
+    with pytest.raises(ValueError, match="exceeds max_tokens"):
+        overlong_penalty(lens, 10, 11, 1.0)
+
+
+def test_masked_truncated_samples_leave_the_policy_loss() -> None:
+    """mask_truncated: the policy mask drops a truncated row; the loss is then exactly the loss of the
+    others (what the trainer passes ppo_policy_loss, learner/trainer.py)."""
+    torch.manual_seed(0)
+    lp = torch.randn(3, 4, dtype=torch.float64) * 0.1
+    adv = torch.randn(3, 4, dtype=torch.float64)
+    mask = torch.ones(3, 4, dtype=torch.float64)
+    truncated = torch.tensor([False, True, False])
+    policy_mask = mask * (~truncated).to(mask.dtype)[:, None]
+    zero = torch.zeros(3, 4, dtype=torch.float64)
+    masked, _ = ppo_policy_loss(lp, zero, zero, adv, policy_mask, 0.2, 2.0)
+    kept, _ = ppo_policy_loss(lp[[0, 2]], zero[:2], zero[:2], adv[[0, 2]], mask[:2], 0.2, 2.0)
+    assert masked.item() == pytest.approx(kept.item(), rel=1e-12)
