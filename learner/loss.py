@@ -35,6 +35,9 @@ def ppo_policy_loss(
     clip_eps_high: float | None = None,
     agg: str = "token_mean",
     norm_tokens: int = 1,
+    is_mode: str = "truncate",
+    is_low: float | None = None,
+    is_high: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Decoupled PPO (Hilton et al. 2021, "Batch size-invariance for policy optimization"; AReaL's
     decoupled PPO), as docs/architecture.md writes it:
@@ -48,6 +51,9 @@ def ppo_policy_loss(
 
     `clip_eps_high` (DAPO's clip-higher) replaces ε on the upper edge only: the ratio is clipped to
     [1 − clip_eps, 1 + clip_eps_high]. `agg` is how the per-token losses become one (`aggregate`).
+
+    `is_mode="mask"` drops tokens (or samples) whose weight is outside [is_low, is_high] instead of capping
+    them (`_masked_is`).
 
     `is_correction="none"` drops w (w = 1): exactly ORZ's PPO loss, right when there is no staleness
     (`max_staleness: 0`), where w differs from 1 only by the generator's and the learner's numerics.
@@ -79,8 +85,12 @@ def ppo_policy_loss(
     ratio = torch.exp(log_ratio)
     behavior_log_ratio = _where_valid(proximal_logprobs - behavior_logprobs, valid)
     behavior_ratio = torch.exp(behavior_log_ratio)
+    masked = torch.zeros_like(behavior_ratio, dtype=torch.bool)
     if is_correction == "none":
         is_weight = torch.ones_like(behavior_ratio)
+        truncated = torch.zeros_like(behavior_ratio, dtype=torch.bool)
+    elif is_mode == "mask":
+        is_weight, masked = _masked_is(behavior_log_ratio, valid, is_correction, is_cap, is_low, is_high)
         truncated = torch.zeros_like(behavior_ratio, dtype=torch.bool)
     elif is_correction == "token":
         is_weight = behavior_ratio.clamp(max=is_cap)
@@ -108,8 +118,33 @@ def ppo_policy_loss(
             "behavior_kl": masked_mean((behavior_ratio - 1.0) - behavior_log_ratio, mask).item(),
             "is_weight_mean": masked_mean(is_weight, mask).item(),
             "is_truncated_frac": masked_mean(truncated.float(), mask).item(),
+            "is_masked_frac": masked_mean(masked.float(), mask).item(),
         }
     return loss, stats
+
+
+MAX_LOG_WEIGHT = 20.0  # the sequence weight's log is clamped to ±this before exp: no overflow on long samples
+
+
+def _masked_is(log_ratio: Tensor, valid: Tensor, level: str, is_cap: float, low: float | None,
+               high: float | None) -> tuple[Tensor, Tensor]:
+    """Masked importance sampling (`learner.is_mode: mask`): a token — or, at sequence level, every token of a
+    sample — whose weight is outside [is_low, is_high] is dropped from the loss (weight 0, still counted in
+    its normaliser) instead of capped; the others keep their weight uncapped. The token weight is π_prox/μ;
+    the sequence weight is the geometric mean of the sample's token ratios (GSPO-style),
+    exp(mean_t log(π_prox/μ)), its log clamped to ±MAX_LOG_WEIGHT. Bounds: is_high defaults to is_cap,
+    is_low to 1 / is_high. Returns (weights, dropped)."""
+    high = is_cap if high is None else high
+    low = 1.0 / high if low is None else low
+    if level == "token":
+        weight = torch.exp(log_ratio)
+    elif level == "sequence":
+        mean_log = log_ratio.sum(dim=1, keepdim=True) / valid.sum(dim=1, keepdim=True).clamp(min=1)
+        weight = torch.exp(mean_log.clamp(-MAX_LOG_WEIGHT, MAX_LOG_WEIGHT)).expand_as(log_ratio)
+    else:
+        raise ValueError(f"is_correction must be 'token' or 'sequence' with is_mode mask, got {level!r}")
+    keep = (weight >= low) & (weight <= high) & valid
+    return torch.where(keep, weight, torch.zeros_like(weight)), valid & ~keep
 
 
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")

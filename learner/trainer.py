@@ -312,7 +312,8 @@ class PPOTrainer:
                 prox = proximal[rows, :width] if need_prox else logprobs.detach()
                 loss, st = ppo_policy_loss(logprobs, prox, mb.behavior_logprobs, advantages[rows, :width],
                                            policy_mask[rows, :width], cfg.clip_eps, cfg.is_cap, cfg.is_correction,
-                                           cfg.clip_eps_high, cfg.loss_agg, self.max_tokens or 1)
+                                           cfg.clip_eps_high, cfg.loss_agg, self.max_tokens or 1, cfg.is_mode,
+                                           cfg.is_low, cfg.is_high)
                 if self.reference is not None:
                     kl = kl_penalty(logprobs, reference[rows, :width], mb.response_mask)
                     loss = loss + cfg.kl_coef * kl

@@ -179,6 +179,12 @@ class LearnerConfig(_Section):
     is_correction: Literal["none", "token", "sequence"] = Field(
         "token", description="importance weight min(π_prox/μ, is_cap) per token, one per sample (product of its token "
         "ratios), or none: ORZ's PPO loss exactly (right at max_staleness 0)")
+    is_mode: Literal["truncate", "mask"] = Field(
+        "truncate", description="truncate: cap the importance weight at is_cap; mask: drop the tokens (or, with "
+        "is_correction sequence, the samples: geometric mean of the token ratios) whose weight is outside "
+        "[is_low, is_high] from the policy loss")
+    is_low: float | None = Field(None, gt=0, description="is_mode mask: lowest weight kept (unset: 1 / is_high)")
+    is_high: float | None = Field(None, gt=0, description="is_mode mask: highest weight kept (unset: is_cap)")
     kl_coef: float = Field(
         0.0, description="weight of a k3 KL(π_θ‖π_base) loss term (ORZ: 0; > 0 loads a reference model)", ge=0)
     entropy_coef: float = Field(0.0, description="weight of an entropy bonus (ORZ: 0)", ge=0)
@@ -319,6 +325,9 @@ class Config(_Section):
         if self.sampling.top_p < 1.0:
             problems.append(f"sampling.top_p ({self.sampling.top_p}) must be 1 for training: the learner's log-probs "
                             "are of the whole tempered distribution, and a nucleus would make vLLM's differ from them")
+        if lc.is_mode == "mask" and (lc.is_low or 0) >= (lc.is_high or lc.is_cap):
+            problems.append(f"learner.is_low ({lc.is_low}) must be below learner.is_high "
+                            f"({lc.is_high or lc.is_cap})")
         if lc.overlong_buffer_tokens > self.sampling.max_tokens:
             problems.append(f"learner.overlong_buffer_tokens ({lc.overlong_buffer_tokens}) exceeds "
                             f"sampling.max_tokens ({self.sampling.max_tokens})")

@@ -195,3 +195,20 @@ def reference_markdown() -> str:
         else:
             row(name, field)
     return "\n".join(lines)
+
+
+def write_reference(page: Path) -> None:
+    """Rewrites the table after the page's `<!-- config-reference:start … -->` marker with the current one
+    (`python -m services.config_io docs/configuration.md`)."""
+    lines = page.read_text().split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith("<!-- config-reference:start"))
+    end = start + 1
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    page.write_text("\n".join([*lines[:start + 1], *reference_markdown().split("\n"), *lines[end:]]))
+
+
+if __name__ == "__main__":
+    import sys
+
+    write_reference(Path(sys.argv[1]))

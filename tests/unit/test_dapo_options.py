@@ -107,3 +107,36 @@ def test_masked_truncated_samples_leave_the_policy_loss() -> None:
     masked, _ = ppo_policy_loss(lp, zero, zero, adv, policy_mask, 0.2, 2.0)
     kept, _ = ppo_policy_loss(lp[[0, 2]], zero[:2], zero[:2], adv[[0, 2]], mask[:2], 0.2, 2.0)
     assert masked.item() == pytest.approx(kept.item(), rel=1e-12)
+
+
+def _masked(prox_over_mu: list[list[float]], level: str, low: float, high: float, lens: list[int] | None = None):
+    ratios = torch.tensor(prox_over_mu, dtype=torch.float64)
+    mask = torch.ones_like(ratios) if lens is None else torch.tensor(
+        [[1.0 if t < n else 0.0 for t in range(ratios.shape[1])] for n in lens], dtype=torch.float64)
+    behavior = -torch.log(ratios)  # μ's log-prob with π_prox's at 0: π_prox/μ = ratios
+    zero = torch.zeros_like(ratios)
+    adv = torch.ones_like(ratios)
+    return ppo_policy_loss(zero, zero, behavior, adv, mask, 0.2, 2.0, level, is_mode="mask", is_low=low,
+                           is_high=high)
+
+
+def test_masked_is_at_the_token_level_keeps_both_bounds_and_drops_beyond() -> None:
+    # π_θ = π_prox (r = 1, A = 1): each kept token contributes −w, a dropped one 0; the mean is over all 6
+    loss, st = _masked([[0.5, 0.49, 1.0], [2.0, 2.01, 1.5]], "token", 0.5, 2.0)
+    kept = [0.5, 1.0, 2.0, 1.5]  # 0.49 and 2.01 are outside [0.5, 2]
+    assert loss.item() == pytest.approx(-sum(kept) / 6, rel=1e-9)
+    assert st["is_masked_frac"] == pytest.approx(2 / 6) and st["is_truncated_frac"] == 0.0
+
+
+def test_masked_is_at_the_sequence_level_uses_the_geometric_mean() -> None:
+    # row 0: geometric mean of 4 and 1 over its 2 valid tokens = 2 (kept, at the bound); row 1: of 9 and 1 = 3
+    # (dropped); row 2: of 0.25 and 1 = 0.5 (kept, at the low bound). A padded token is never counted.
+    loss, st = _masked([[4.0, 1.0, 7.0], [9.0, 1.0, 1.0], [0.25, 1.0, 1.0]], "sequence", 0.5, 2.0, lens=[2, 2, 2])
+    weights = [2.0, 2.0, 0.0, 0.0, 0.5, 0.5]
+    assert loss.item() == pytest.approx(-sum(weights) / 6, rel=1e-9)
+    assert st["is_masked_frac"] == pytest.approx(2 / 6)
+
+
+def test_masked_is_sequence_weight_of_a_long_sample_does_not_overflow() -> None:
+    loss, st = _masked([[1e30] * 8], "sequence", 0.5, 2.0)
+    assert math.isfinite(loss.item()) and loss.item() == 0.0 and st["is_masked_frac"] == 1.0
