@@ -43,6 +43,7 @@ class Feeder:
         self.fed = 0  # problems taken from the stream (the cursor)
         self.trained = 0  # groups of completed steps
         self.dropped = 0  # groups dropped as stale
+        self.filtered = 0  # groups filtered out (learner.filter_groups)
         self.pending: dict[str, PromptTask] = {}  # fed, not yet trained or dropped, in feed order
         self._refeed: list[PromptTask] = []
         self.ledger_path = ledger_path
@@ -106,10 +107,13 @@ class Feeder:
         self._ledger.flush()
 
     def record(self, event: str, task_id: str, step: int) -> None:
-        """`trained` or `dropped_stale`: the task leaves the in-flight set."""
+        """`trained`, `dropped_stale` or `filtered` (its group carried no signal: learner.filter_groups): the
+        task leaves the in-flight set, and its slot frees for the next prompt."""
         if self.pending.pop(task_id, None) is not None:
             if event == "trained":
                 self.trained += 1
+            elif event == "filtered":
+                self.filtered += 1
             else:
                 self.dropped += 1
         self._ledger.write(json.dumps({"event": event, "task_id": task_id, "step": step}) + "\n")
@@ -117,7 +121,7 @@ class Feeder:
     def state(self) -> dict:
         self._ledger.flush()
         return {
-            "fed": self.fed, "trained": self.trained, "dropped": self.dropped,
+            "fed": self.fed, "trained": self.trained, "dropped": self.dropped, "filtered": self.filtered,
             "ledger_offset": self.ledger_path.stat().st_size,
             "pending": [{"task_id": t.task_id, "prompt": t.prompt, "reference": t.reference,
                          "task_type": t.task_type, "n_samples": t.n_samples, "prompt_ids": list(t.prompt_ids or ())}
@@ -128,6 +132,7 @@ class Feeder:
         """Back to a checkpoint: same cursor, and the prompts in flight then are fed again first."""
         self.fed = int(state["fed"])
         self.trained, self.dropped = int(state["trained"]), int(state["dropped"])
+        self.filtered = int(state.get("filtered", 0))
         self._stream = itertools.islice(train_stream(self._train, self.cfg.task.seed), self.fed, None)
         self.pending = {}
         self._refeed = [

@@ -73,16 +73,20 @@ class Intake:
         self._redis_checked, self._redis_run_id, self._last_reclaim = 0.0, None, time.time()
 
     def collect(self, step: int, version: int, drop_log: list[str], on_wait: Callable[[], None],
-                on_redis_restart: Callable[[], None]) -> tuple[Batch, list[str]]:
+                on_redis_restart: Callable[[], None], filter_log: list[str] | None = None) -> tuple[Batch, list[str]]:
         """Reads until `batch_prompts` fresh groups are in hand; returns them and the entry ids to ack (the
         batch's and those of dropped groups). `on_wait` runs between reads (the learner syncs weights to
         generators that joined); `on_redis_restart` rewrites the learner's control keys after a restart.
-        Raises KeyboardInterrupt when the learner is told to stop, TimeoutError when nothing arrives."""
+        Groups filtered out (`learner.filter_groups`) go to `filter_log`; once `max_oversample` of them were
+        this step, it takes the batch it has (short). Raises KeyboardInterrupt when the learner is told to stop,
+        TimeoutError when nothing arrives."""
         lc = self.cfg.learner
+        filter_log = [] if filter_log is None else filter_log
+        cap = lc.max_oversample or 4 * lc.batch_prompts
         batch: Batch = []
         to_ack: list[str] = []
         last_arrival = time.time()
-        while len(batch) < lc.batch_prompts:
+        while len(batch) < lc.batch_prompts and not (batch and len(filter_log) >= cap):
             if self.stop_event.is_set():
                 raise KeyboardInterrupt
             self.feeder.top_up(version)
@@ -102,16 +106,17 @@ class Intake:
                     # Our own pending entry, read earlier in this step and not acked yet: `_reclaim_own` hands it
                     # back when the step waits longer than claim_idle_ms (a reward outage). Not a duplicate.
                     continue
-                verdict = self._admit(entry_id, group, step, version, drop_log)
+                verdict = self._admit(entry_id, group, step, version, drop_log, filter_log)
                 if verdict == "train":
                     batch.append((entry_id, group))
                 elif verdict == "ack":
                     to_ack.append(entry_id)
         return batch, to_ack
 
-    def _admit(self, entry_id: str, group: TrajectoryGroup, step: int, version: int, drop_log: list[str]) -> str:
-        """"train" (into the batch), "ack" (a duplicate or a stale group: acked with the batch) or "rejected"
-        (dead-lettered here, its task fed again)."""
+    def _admit(self, entry_id: str, group: TrajectoryGroup, step: int, version: int, drop_log: list[str],
+               filter_log: list[str]) -> str:
+        """"train" (into the batch), "ack" (a duplicate, a stale group or a filtered one: acked with the batch)
+        or "rejected" (dead-lettered here, its task fed again)."""
         if group.task_id in self.consumed:
             # A reclaimed prompt can be generated twice (docs/architecture.md, "Delivery"); train it once.
             self.metrics.duplicates.inc()
@@ -131,6 +136,13 @@ class Intake:
             self.metrics.dropped.inc()
             drop_log.append(group.task_id)
             self.feeder.record("dropped_stale", group.task_id, step)
+            return "ack"
+        if self.cfg.learner.filter_groups == "zero_variance" and len({s.reward for s in group.samples}) == 1:
+            # Every sample earned the same reward: no group-relative signal (DAPO's dynamic sampling). Its slot
+            # frees, so the feeder sends another prompt and the batch still fills.
+            self.metrics.filtered.inc()
+            filter_log.append(group.task_id)
+            self.feeder.record("filtered", group.task_id, step)
             return "ack"
         return "train"
 

@@ -185,6 +185,7 @@ class Learner:
         self._unwritten: list[StepRecord] = []  # step records waiting for their evaluation (learner/evaluation.py)
         self._eval_due: set[int] = set()  # steps whose evaluation is out
         self._dropped_total = history[-1]["dropped_stale_total"] if history else 0
+        self._filtered_total = history[-1].get("filtered_groups_total", 0) if history else 0
         resumable_exit = False  # stopping to be resumed: generators must wait for the next group, not stop
         try:
             while self.step < lc.total_steps:
@@ -235,7 +236,14 @@ class Learner:
         (a metrics.jsonl line) and the new weights."""
         t_start = time.time()
         drops: list[str] = []
-        batch, to_ack = self.intake.collect(step, self.version, drops, self._sync_joiners, self._rewrite_keys)
+        filtered: list[str] = []
+        batch, to_ack = self.intake.collect(step, self.version, drops, self._sync_joiners, self._rewrite_keys,
+                                            filtered)
+        self._filtered_total += len(filtered)
+        if len(batch) < self.cfg.learner.batch_prompts:
+            self.metrics.short_batches.inc()
+            log.warning("step %d trains on %d of %d groups: %d filtered this step (learner.max_oversample)", step,
+                        len(batch), self.cfg.learner.batch_prompts, len(filtered))
         self._dropped_total += len(drops)
         t_collected = time.time()
         groups = [g for _, g in batch]
@@ -256,7 +264,9 @@ class Learner:
         for _, g in batch:
             self.feeder.record("trained", g.task_id, step)
         self.feeder.top_up(self.version)  # the next prompts go out before logging and checkpointing
-        return self._record(step, groups, stats, drops, (t_start, t_collected, t_trained), broadcast_s), actor_state
+        record = self._record(step, groups, stats, drops, (t_start, t_collected, t_trained), broadcast_s)
+        record.update(filtered_groups=len(filtered), filtered_groups_total=self._filtered_total)
+        return record, actor_state
 
     def _write_records(self, wait: bool, all_of_them: bool = False) -> None:
         """Appends the step records whose evaluation is in (or that have none) to metrics.jsonl, in step order.

@@ -29,6 +29,8 @@ class LearnerMetrics:
         self.kl = Gauge("orz_learner_behavior_kl", "KL(μ‖π_prox) estimate", registry=r)
         self.clipfrac = Gauge("orz_learner_clipfrac", "PPO clip fraction", registry=r)
         self.is_trunc = Gauge("orz_learner_is_truncated_fraction", "IS weights truncated at is_cap", registry=r)
+        self.is_masked = Gauge("orz_learner_is_masked_fraction", "tokens dropped by masked IS (learner.is_mode: mask)",
+                               registry=r)
         self.value_loss = Gauge("orz_learner_value_loss", "critic loss", registry=r)
         self.explained_var = Gauge("orz_learner_explained_variance", "critic explained variance", registry=r)
         self.padded_fraction = Gauge("orz_learner_padded_fraction", "share of the token slots the learner computed "
@@ -57,6 +59,10 @@ class LearnerMetrics:
                                   "after a Redis restart, fed again", registry=r)
         self.slow_peers = Counter("orz_learner_slow_peers_left_out", "generators left out of weight sync for a "
                                   "slow link (weight_sync.slow_peer_factor)", registry=r)
+        self.filtered = Counter("orz_learner_filtered_groups", "groups not trained on for carrying no signal "
+                                "(learner.filter_groups)", registry=r)
+        self.short_batches = Counter("orz_learner_short_batches", "steps that trained on fewer than batch_prompts "
+                                     "groups because learner.max_oversample was reached", registry=r)
         self.last_step_ts = Gauge("orz_learner_last_step_timestamp_seconds", "time of the last step", registry=r)
 
 
@@ -79,6 +85,7 @@ class StepRecord(TypedDict, total=False):
     approx_kl: float
     behavior_kl: float
     is_truncated_frac: float
+    is_masked_frac: float
     value_loss: float
     explained_variance: float
     padded_fraction: float
@@ -102,6 +109,8 @@ class StepRecord(TypedDict, total=False):
     eval_missing: int
     learner_cpu_s: float
     redis_cpu_s: float
+    filtered_groups: int  # this step (learner.filter_groups)
+    filtered_groups_total: int
 
 
 def step_record(step: int, version: int, advantage: str, groups: Sequence[TrajectoryGroup], stats: dict,
@@ -123,6 +132,7 @@ def step_record(step: int, version: int, advantage: str, groups: Sequence[Trajec
         "clipfrac": stats.get("clipfrac", 0.0), "approx_kl": stats.get("approx_kl", 0.0),
         "behavior_kl": stats.get("behavior_kl", 0.0),
         "is_truncated_frac": stats.get("is_truncated_frac", 0.0),
+        "is_masked_frac": stats.get("is_masked_frac", 0.0),
         "value_loss": stats.get("value_loss", float("nan")),
         "explained_variance": stats.get("explained_variance", float("nan")),
         "padded_fraction": stats.get("padded_fraction", 0.0),
@@ -163,6 +173,7 @@ def export(m: LearnerMetrics, r: dict) -> None:
     m.kl.set(r["behavior_kl"])
     m.clipfrac.set(r["clipfrac"])
     m.is_trunc.set(r["is_truncated_frac"])
+    m.is_masked.set(r["is_masked_frac"])
     m.value_loss.set(r["value_loss"])
     m.explained_var.set(r["explained_variance"])
     m.padded_fraction.set(r["padded_fraction"])

@@ -185,6 +185,12 @@ class LearnerConfig(_Section):
         "[is_low, is_high] from the policy loss")
     is_low: float | None = Field(None, gt=0, description="is_mode mask: lowest weight kept (unset: 1 / is_high)")
     is_high: float | None = Field(None, gt=0, description="is_mode mask: highest weight kept (unset: is_cap)")
+    filter_groups: Literal["none", "zero_variance"] = Field(
+        "none", description="zero_variance: a group whose samples all have the same reward is not trained on "
+        "(DAPO's dynamic sampling; counted as filtered); more prompts are fed so batches stay full")
+    max_oversample: int | None = Field(
+        None, ge=1, description="groups a step may filter before it trains on what it has (a short batch, "
+        "logged and counted); unset: 4 × batch_prompts")
     kl_coef: float = Field(
         0.0, description="weight of a k3 KL(π_θ‖π_base) loss term (ORZ: 0; > 0 loads a reference model)", ge=0)
     entropy_coef: float = Field(0.0, description="weight of an entropy bonus (ORZ: 0)", ge=0)

@@ -206,11 +206,12 @@ def _resume_hint() -> str:
 
 
 def _accounting(ledger: Path) -> dict:
-    """From the ledger: tasks fed, trained (and how many of them twice: must be 0), dropped as stale, and fed
-    but neither trained nor dropped when the run ended (in flight)."""
+    """From the ledger: tasks fed, trained (and how many of them twice: must be 0), dropped as stale, filtered
+    (learner.filter_groups), and fed but none of those when the run ended (in flight)."""
     fed: set[str] = set()
     trained: list[str] = []
     dropped: set[str] = set()
+    filtered: set[str] = set()
     if ledger.is_file():
         for line in ledger.read_text().splitlines():
             e = json.loads(line)
@@ -220,9 +221,12 @@ def _accounting(ledger: Path) -> dict:
                 trained.append(e["task_id"])
             elif e["event"] == "dropped_stale":
                 dropped.add(e["task_id"])
-    done = set(trained) | dropped
+            elif e["event"] == "filtered":
+                filtered.add(e["task_id"])
+    done = set(trained) | dropped | filtered
     return {"fed": len(fed), "trained": len(trained), "trained_twice": len(trained) - len(set(trained)),
-            "dropped_stale": len(dropped), "in_flight_at_end": len(fed - done), "trained_not_fed": len(done - fed)}
+            "dropped_stale": len(dropped), "filtered": len(filtered), "in_flight_at_end": len(fed - done),
+            "trained_not_fed": len(done - fed)}
 
 
 def _summary(history: list[dict], train_wall_s: float) -> dict:
@@ -258,7 +262,9 @@ def _print_summary(s: dict, run_path: Path) -> None:
     if "accounting" in s:
         a = s["accounting"]
         console.print(f"tasks: {a['fed']} fed, {a['trained']} trained ({a['trained_twice']} twice), "
-                      f"{a['dropped_stale']} dropped as stale, {a['in_flight_at_end']} in flight at the end")
+                      f"{a['dropped_stale']} dropped as stale, "
+                      + (f"{a['filtered']} filtered, " if a.get("filtered") else "")
+                      + f"{a['in_flight_at_end']} in flight at the end")
     if "base_accuracy" in s:
         console.print(f"held-out accuracy: base model [bold]{s['base_accuracy']:.3f}[/] → "
                       f"trained [bold]{s['trained_accuracy']:.3f}[/]")

@@ -98,3 +98,55 @@ def test_a_redis_restart_feeds_the_lost_prompts_again(parts) -> None:
     assert metrics.refed_lost._value.get() == 6
     assert prompts.length() == 6  # fed again, under the same task ids
     assert {t.task_id for _, t in prompts.read("gen-0", 10)} == set(feeder.pending)
+
+
+def _mixed(task: PromptTask, version: int, rewards: list[float]) -> TrajectoryGroup:
+    group = _answer(task, version)
+    samples = tuple(Sample(s.response_ids, s.logprobs, r, s.finish_reason, s.text) for s, r in
+                    zip(group.samples, rewards, strict=True))
+    return TrajectoryGroup(group.task_id, group.prompt_ids, samples, version, "gen-0", version)
+
+
+def test_zero_variance_groups_are_filtered_and_the_batch_still_fills(parts) -> None:
+    cfg, client, keys, prompts, trajectories, feeder, intake, metrics = parts
+    cfg.learner.filter_groups = "zero_variance"
+    feeder.top_up(version=0)
+    answered: set[str] = set()
+
+    def answer_all() -> None:  # a scripted generator: two prompts in three get all-equal rewards
+        for _, task in prompts.read("gen-0", 50):
+            if task.task_id not in answered:
+                answered.add(task.task_id)
+                same = len(answered) % 3 != 0
+                trajectories.add(_mixed(task, 0, [1.0, 1.0] if same else [0.0, 1.0]))
+
+    answer_all()
+    filtered: list[str] = []
+    batch, to_ack = intake.collect(step=1, version=0, drop_log=[], on_wait=answer_all,
+                                   on_redis_restart=lambda: None, filter_log=filtered)
+    assert len(batch) == cfg.learner.batch_prompts  # full, although half of what arrived carried no signal
+    assert all(len({s.reward for s in g.samples}) == 2 for _, g in batch)
+    # The 6 prompts in flight at first held only 2 trainable groups: the feeder fed more as filtered ones freed
+    # their slots, and the batch filled from those.
+    assert feeder.fed > 6 and len(filtered) >= 4
+    assert metrics.filtered._value.get() == len(filtered) and len(to_ack) == len(filtered)
+    assert feeder.filtered == len(filtered) and not set(filtered) & set(feeder.pending)
+    # The extra prompts were fed within admission control: never more in flight than its bound.
+    assert len(feeder.pending) <= cfg.max_inflight_prompts
+    # fed = trainable in hand + filtered + the rest still in flight, by the ledger
+    fed = {t.task_id for t in feeder.pending.values()} | set(filtered)
+    assert {g.task_id for _, g in batch} <= fed
+
+
+def test_a_step_that_filters_max_oversample_groups_trains_on_what_it_has(parts) -> None:
+    cfg, client, keys, prompts, trajectories, feeder, intake, metrics = parts
+    cfg.learner.filter_groups, cfg.learner.max_oversample = "zero_variance", 2
+    feeder.top_up(version=0)
+    tasks = [t for _, t in prompts.read("gen-0", 10)]
+    trajectories.add_many([_mixed(tasks[0], 0, [0.0, 1.0]), _mixed(tasks[1], 0, [1.0, 1.0]),
+                           _mixed(tasks[2], 0, [0.0, 0.0])])
+    filtered: list[str] = []
+    batch, _ = intake.collect(step=1, version=0, drop_log=[], on_wait=lambda: None, on_redis_restart=lambda: None,
+                              filter_log=filtered)
+    assert [g.task_id for _, g in batch] == [tasks[0].task_id]  # short: 1 of 3, the cap of 2 filtered reached
+    assert filtered == [tasks[1].task_id, tasks[2].task_id]

@@ -229,7 +229,8 @@ def _ok(url: str) -> bool:
 
 def check_accounting(stack: Stack, final: str = "DONE") -> dict[str, int]:
     """The invariant every fault test asserts: every task id the feeder fed is trained exactly once, dropped as
-    stale (and counted), or still in flight at the end and findable in Redis; none is lost, none trained twice.
+    stale (and counted), filtered (learner.filter_groups, counted), or still in flight at the end and findable
+    in Redis; none is lost, none trained twice.
     `final`: DONE (the run finished) or STOPPED (the learner was stopped early). Returns the counts."""
     run = stack.run
     ledger = [json.loads(x) for x in (run / "tasks.jsonl").read_text().splitlines()]
@@ -237,6 +238,7 @@ def check_accounting(stack: Stack, final: str = "DONE") -> dict[str, int]:
     refed = [e["task_id"] for e in ledger if e["event"] == "refed"]
     trained = [e["task_id"] for e in ledger if e["event"] == "trained"]
     dropped = [e["task_id"] for e in ledger if e["event"] == "dropped_stale"]
+    filtered = [e["task_id"] for e in ledger if e["event"] == "filtered"]
     done = json.loads((run / final).read_text())
     inflight = set(done["inflight"])
 
@@ -244,8 +246,10 @@ def check_accounting(stack: Stack, final: str = "DONE") -> dict[str, int]:
     assert set(refed) <= set(fed), "a task was fed again that was never fed"
     assert len(trained) == len(set(trained)), "a task was trained twice"
     assert len(dropped) == len(set(dropped)) and not set(dropped) & set(trained)
-    assert not inflight & (set(trained) | set(dropped))
-    assert set(fed) == set(trained) | set(dropped) | inflight, "a fed task is neither trained, dropped nor in flight"
+    assert len(filtered) == len(set(filtered)) and not set(filtered) & (set(trained) | set(dropped))
+    assert not inflight & (set(trained) | set(dropped) | set(filtered))
+    assert set(fed) == set(trained) | set(dropped) | set(filtered) | inflight, \
+        "a fed task is neither trained, dropped, filtered nor in flight"
     assert done["unaccounted"] == [], f"in flight but in neither stream: {done['unaccounted']}"
     assert len(inflight) <= stack.cfg.max_inflight_prompts
 
@@ -255,8 +259,12 @@ def check_accounting(stack: Stack, final: str = "DONE") -> dict[str, int]:
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     assert [t for r in records for t in r["task_ids"]] == trained  # what was trained is what the ledger says
     assert records[-1]["dropped_stale_total"] == len(dropped)  # every drop counted
-    assert all(len(r["task_ids"]) == cfg.batch_prompts for r in records)
+    assert records[-1].get("filtered_groups_total", 0) == len(filtered)  # every filtered group counted
+    # Every batch full, unless filtering ran into learner.max_oversample (the step says so in its record).
+    assert all(len(r["task_ids"]) == cfg.batch_prompts or r.get("filtered_groups", 0) >= (
+        cfg.max_oversample or 4 * cfg.batch_prompts) for r in records)
     return {"fed": len(fed), "refed": len(refed), "trained": len(trained), "dropped_stale": len(dropped),
+            **({"filtered": len(filtered)} if filtered else {}),
             "inflight": len(inflight), "duplicates": done["duplicates"], "learner_dead_lettered": done["dead_lettered"]}
 
 
