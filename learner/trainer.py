@@ -304,6 +304,9 @@ class PPOTrainer:
         for step_schedule, step_units in policy_steps:
             self.actor_opt.zero_grad(set_to_none=True)
             scale = self.world / max(step_units, 1.0)  # loss · world (FSDP averages gradients) / the step's units
+            # The diagnostics (KL, IS fractions, entropy) are token means whatever the loss averages over.
+            (step_tokens,) = self._sum([sum(use * float(policy_mask[rows].sum()) for rows, use in step_schedule)])
+            token_scale = self.world / max(step_tokens, 1.0)
             for rows, use in step_schedule:
                 mb = batch.select(rows)
                 width = mb.response_mask.shape[1]
@@ -324,8 +327,9 @@ class PPOTrainer:
                     st["entropy"] = ent.item()
                 weight = use * policy_units(rows) * scale
                 (loss * weight).backward()
+                token_weight = use * float(policy_mask[rows].sum()) * token_scale
                 for k, v in st.items():
-                    stats[k] += v * weight / self.world / len(policy_steps)
+                    stats[k] += v * (weight if k == "policy_loss" else token_weight) / self.world / len(policy_steps)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.actor.parameters(), cfg.grad_clip)
             stats["actor_grad_norm"] += _scalar(grad_norm) / len(policy_steps) / self.world
             lrs["actor_lr"] = self.actor_opt.param_groups[0]["lr"]  # the last step's
