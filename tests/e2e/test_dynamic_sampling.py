@@ -55,9 +55,10 @@ def test_filtered_groups_keep_batches_full_and_the_ledger_exact_across_a_resume(
     with EmbeddedRedis(appendonly=True, workdir=str(tmp_path / "redis")) as redis_server:
         cfg = load_config(ROOT / "configs" / "tiny.yaml", environ={}, overrides={
             "run_dir": str(tmp_path / "runs"), "run_name": "dyn", "redis": {"url": redis_server.url},
-            "learner": {"advantage": "grpo", "filter_groups": "zero_variance", "total_steps": STEPS,
-                        "batch_prompts": BATCH, "n_samples": N, "checkpoint_every": CKPT, "max_staleness": 1,
-                        "wait_timeout_s": 120},
+            # max_oversample high enough that no step runs short (the cap is tests/integration/test_intake.py's)
+            "learner": {"advantage": "grpo", "filter_groups": "zero_variance", "max_oversample": 100,
+                        "total_steps": STEPS, "batch_prompts": BATCH, "n_samples": N, "checkpoint_every": CKPT,
+                        "max_staleness": 1, "wait_timeout_s": 120},
         })
         keys = Keys(cfg.namespace)
         logs = tmp_path / "logs"
