@@ -86,17 +86,16 @@ def test_no_source_file_over_400_lines(path: Path) -> None:
 
 def test_nothing_points_outside_the_repository() -> None:
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    this = Path(__file__).relative_to(ROOT).as_posix()
     breaches = []
     for name in files:
         path = ROOT / name
-        if name == this or not path.is_file() or path.suffix in (".png", ".jsonl", ".parquet", ".gz", ".safetensors"):
+        if not path.is_file() or path.suffix in (".png", ".jsonl", ".parquet", ".gz", ".safetensors"):
             continue
         try:
             text = path.read_text()
         except UnicodeDecodeError:
             continue
-        for needle in ("../shared", "ARCHITECTURE.md", "STYLE.md"):
+        for needle in ("../" + "shared", "ARCHITECTURE" + ".md", "STYLE" + ".md"):
             if needle in text:
                 breaches.append(f"{name} cites {needle}, which a clone does not have")
     assert not breaches, "\n".join(breaches)
