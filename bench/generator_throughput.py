@@ -24,7 +24,7 @@ from generator_backends import timed
 from transformers import AutoTokenizer
 
 from services.config_io import config_to_env, load_config
-from services.control import Keys
+from services.control import ControlPlane, Keys
 from services.metrics import free_port, wait_healthy
 from services.protocol import PromptTask, SamplingParams, TrajectoryGroup
 from services.queue import StreamQueue
@@ -64,7 +64,7 @@ def system_tokens_per_s(cfg, tasks: list[PromptTask], timeout_s: float) -> dict:
             children.append(subprocess.Popen([sys.executable, "-m", "services.cli", "generator"], env=env,
                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             deadline = time.time() + timeout_s
-            while client.hlen(keys.generators) == 0:  # first heartbeat: the engine is up
+            while ControlPlane(client, keys).generator_count() == 0:  # first heartbeat: the engine is up
                 if time.time() > deadline or children[-1].poll() is not None:
                     raise RuntimeError("generator did not start")
                 time.sleep(0.05)

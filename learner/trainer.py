@@ -305,8 +305,11 @@ class PPOTrainer:
             self.actor_opt.zero_grad(set_to_none=True)
             scale = self.world / max(step_units, 1.0)  # loss · world (FSDP averages gradients) / the step's units
             # The diagnostics (KL, IS fractions, entropy) are token means whatever the loss averages over.
-            (step_tokens,) = self._sum([sum(use * float(policy_mask[rows].sum()) for rows, use in step_schedule)])
-            token_scale = self.world / max(step_tokens, 1.0)
+            if cfg.loss_agg == "token_mean":  # the units are the tokens: no second reduction
+                token_scale = scale
+            else:
+                (step_tokens,) = self._sum([sum(use * float(policy_mask[rows].sum()) for rows, use in step_schedule)])
+                token_scale = self.world / max(step_tokens, 1.0)
             for rows, use in step_schedule:
                 mb = batch.select(rows)
                 width = mb.response_mask.shape[1]
