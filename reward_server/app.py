@@ -1,4 +1,5 @@
-"""The reward server process: FastAPI app (`POST /v1/grade`, `GET /healthz`, `GET /metrics`) run by uvicorn.
+"""The reward server process: FastAPI app (`POST /v1/grade`, `POST /v1/openrlhf`, `GET /healthz`, `GET /metrics`)
+run by uvicorn.
 
 The only contract with the generators is the HTTP API below (docs/architecture.md, "Messages"). Limits on a
 request come from `RewardConfig` and are declared on the pydantic models, so the OpenAPI page at `/docs`
@@ -27,6 +28,7 @@ from pydantic import BaseModel, Field
 
 from reward_server.graders import REGISTRY, VERDICTS, Verdict
 from reward_server.grading import Grader, RewardMetrics
+from reward_server.openrlhf import add_openrlhf_route
 from services.config import Config, RewardConfig
 from services.config_io import config_to_env, load_config
 
@@ -79,7 +81,8 @@ def request_model(cfg: RewardConfig) -> type[BaseModel]:
 
 
 def max_body_bytes(cfg: RewardConfig) -> int:
-    per_item = (cfg.max_response_chars + cfg.max_reference_chars + MAX_ID_CHARS) * _BYTES_PER_CHAR + 1024
+    # the larger of a /v1/grade item and a /v1/openrlhf row (query and prompt each up to max_response_chars)
+    per_item = (2 * cfg.max_response_chars + cfg.max_reference_chars + MAX_ID_CHARS) * _BYTES_PER_CHAR + 1024
     return min(cfg.max_items * per_item + 1024, cfg.max_request_mb << 20)
 
 
@@ -161,6 +164,8 @@ def create_app(cfg: RewardConfig, math_verify_timeout_s: int | None = None) -> F
         metrics.request_latency.observe(time.perf_counter() - t0)
         metrics.request_items.observe(len(results))
         return {"results": [asdict(r) for r in results]}
+
+    add_openrlhf_route(app, cfg, grader, metrics, auth, ERROR_RESPONSES)
 
     @app.get("/healthz")
     async def healthz() -> dict:
