@@ -57,14 +57,20 @@ def _encode_pair(tokenizer: PreTrainedTokenizerFast, prompt: str, response: str)
     return p + r, len(p)
 
 
+RECIPE_TASK_KEYS = ("min_terms", "max_terms", "max_operand")
+
+
 def build_base_model(cfg: Config, out_dir: Path | None = None, force: bool = False) -> Path:
     mc, tc = cfg.model, cfg.task
     out = Path(out_dir) if out_dir is not None else mc.path
-    recipe = {"task": tc.model_dump(), "model": mc.model_dump()}
+    # What the model is made from: the problem family and the model section. Other task keys (the data of a
+    # dataset run, the prompt order's seed) do not change it, so adding one does not force a rebuild.
+    recipe = {"task": {k: getattr(tc, k) for k in RECIPE_TASK_KEYS}, "model": mc.model_dump()}
     info_path = out / "base_model.json"
     if info_path.exists() and not force:
         built = json.loads(info_path.read_text())
-        if {"task": built.get("task"), "model": built.get("model")} == recipe:
+        task = built.get("task") or {}
+        if {"task": {k: task.get(k) for k in RECIPE_TASK_KEYS}, "model": built.get("model")} == recipe:
             log.info("base model already built at %s", out)
             return out
         log.info("base model at %s was built from another recipe; rebuilding", out)
