@@ -27,7 +27,7 @@ from services.protocol import TrajectoryGroup
 
 
 class Backend(Protocol):
-    tokenizer: Any  # encodes prompts for the feeder; `pad_token_id`
+    tokenizer: Any  # encodes prompts for the feeder, decodes them for the samples table; `pad_token_id`
 
     @property
     def vocab_size(self) -> int: ...

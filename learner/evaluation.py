@@ -1,14 +1,15 @@
 """In-training evaluation (`learner.eval_every`), sampled by the generators.
 
-At an eval step the learner feeds the held-out problems (the toy task's, or the first `eval_size` of
-`eval_bench`) through the prompt stream as eval prompts: `PromptTask.eval_round` is the step, the sampling is
-the eval settings (`eval.temperature`, `eval.max_tokens`, one sample each) and the feed version is the step's
-policy version, so a generator samples them with that step's weights or newer, never older. Generators grade
-them like any prompt and answer with an `EvalResult` on `{ns}:evals` instead of a trajectory group: eval
-prompts are never trained on and are not in the feeder's ledger. The accuracy (mean reward) goes into that
-step's metrics.jsonl record (`eval_accuracy`, with the policy versions the samples came from) and into
-`orz_learner_eval_accuracy`; the learner writes the record once its round is complete, and waits for it
-(up to `learner.wait_timeout_s`) before a checkpoint and at the end of the run.
+At an eval step the learner feeds the held-out problems (the toy task's, the first `eval_size` of `eval_bench`, or
+the first `eval_size` of each `task.sources` entry's `eval_path`, reported per source) through the prompt stream
+as eval prompts: `PromptTask.eval_round` is the step, the sampling is the eval settings (`eval.temperature`,
+`eval.max_tokens`, one sample each) and the feed version is the step's policy version, so a generator samples them
+with that step's weights or newer, never older. Generators grade them like any prompt and answer with an
+`EvalResult` on `{ns}:evals` instead of a trajectory group: eval prompts are never trained on and are not in the
+feeder's ledger. The accuracy (mean reward) goes into that step's metrics.jsonl record (`eval_accuracy`, with the
+policy versions the samples came from) and into `orz_learner_eval_accuracy`; the learner writes the record once
+its round is complete, and waits for it (up to `learner.wait_timeout_s`) before a checkpoint and at the end of the
+run.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import threading
 import time
 
+from learner.mixture import eval_items
 from services.config import Config
 from services.datasets import bench_records, render, template
 from services.protocol import EvalResult, PromptTask, SamplingParams
@@ -32,16 +34,19 @@ class InTrainingEval:
     def __init__(self, cfg: Config, tokenizer, prompts: StreamQueue[PromptTask],
                  results: StreamQueue[EvalResult]) -> None:
         lc, tc, ec = cfg.learner, cfg.task, cfg.eval
+        self.sources: list[str] = []  # each item's source, when evaluating per source
         if lc.eval_bench:
             bench, records = bench_records(lc.eval_bench, lc.eval_size)
             text = template(tc.template)
-            self.items = [(render(text, r.question), r.answer) for r in records]
-            self.task_type = bench.task_type
+            self.items = [(render(text, r.question), r.answer, bench.task_type) for r in records]
+        elif any(s.eval_path for s in tc.sources):
+            rows = eval_items(cfg, lc.eval_size)
+            self.items = [(r.prompt, r.reference, r.task_type) for r in rows]
+            self.sources = [r.task_id.split(":")[0] for r in rows]
         else:
             problems = eval_set(all_problems(tc.min_terms, tc.max_terms, tc.max_operand), lc.eval_size, tc.seed)
-            self.items = [(p.prompt, str(p.answer)) for p in problems]
-            self.task_type = tc.task_type
-        self.ids = [tuple(tokenizer.encode(prompt, add_special_tokens=False)) for prompt, _ in self.items]
+            self.items = [(p.prompt, str(p.answer), tc.task_type) for p in problems]
+        self.ids = [tuple(tokenizer.encode(prompt, add_special_tokens=False)) for prompt, _, _ in self.items]
         self.params = SamplingParams(ec.temperature, 1.0, ec.max_tokens, tuple(cfg.sampling.stop))
         self.prompts, self.results = prompts, results
         self.rounds: dict[int, dict[str, EvalResult]] = {}  # step → task id → its result, while incomplete
@@ -51,9 +56,9 @@ class InTrainingEval:
         """Feeds the eval prompts of the evaluation at `step`, to be sampled with weights ≥ `version`."""
         self.rounds[step], self.started[step] = {}, time.time()
         self.prompts.add_many(
-            PromptTask(task_id=f"eval-{step:06d}-{i:05d}", prompt=prompt, reference=answer, task_type=self.task_type,
+            PromptTask(task_id=f"eval-{step:06d}-{i:05d}", prompt=prompt, reference=answer, task_type=task_type,
                        n_samples=1, sampling=self.params, feed_version=version, prompt_ids=ids, eval_round=step)
-            for i, ((prompt, answer), ids) in enumerate(zip(self.items, self.ids)))
+            for i, ((prompt, answer, task_type), ids) in enumerate(zip(self.items, self.ids)))
 
     def poll(self) -> None:
         """Takes in what the generators published (a duplicate of a reclaimed prompt counts once)."""
@@ -87,6 +92,11 @@ class InTrainingEval:
         fields = {"eval_accuracy": sum(rewards) / len(rewards), "eval_problems": len(got),
                   "eval_policy_versions": [min(versions), max(versions)],
                   "eval_truncated_frac": sum(res.truncated for res in got.values()) / len(rewards)}
+        if self.sources:
+            per: dict[str, list[float]] = {}
+            for task_id, res in got.items():
+                per.setdefault(self.sources[int(task_id.rsplit("-", 1)[1])], []).extend(res.rewards)
+            fields["eval_source_accuracy"] = {label: sum(r) / len(r) for label, r in sorted(per.items())}
         if len(got) < len(self.items):
             fields["eval_missing"] = len(self.items) - len(got)
             log.warning("in-training eval of step %d: %d of %d problems answered in %.0f s", step, len(got),

@@ -9,17 +9,15 @@ would let the feeder refill at the old version mid-step, and those prompts arriv
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 from pathlib import Path
 from typing import TextIO
 
+from learner.mixture import PromptStream, source_of
 from services.config import Config
-from services.datasets import load, render, template
 from services.protocol import PromptTask, SamplingParams
 from services.queue import StreamQueue
-from services.tasks import all_problems, split, train_stream
 
 log = logging.getLogger("orz.feeder")
 
@@ -28,16 +26,17 @@ class Feeder:
     """Feeds prompts and keeps the ledger `tasks.jsonl` (one line per fed / refed / trained / dropped task).
 
     Its resumable state (`state()` / `restore()`) is the dataset cursor (how many problems were taken from the
-    seeded stream), the counters, and the prompts in flight, which a resumed run feeds again first.
+    seeded stream, and from each source of a mixture: learner/mixture.py), the counters, and the prompts in
+    flight, which a resumed run feeds again first.
     """
 
+    source_of = staticmethod(source_of)
+
     def __init__(self, cfg: Config, queue: StreamQueue, tokenizer, ledger_path: Path) -> None:
-        tc = cfg.task
         self.cfg = cfg
         self.queue = queue
         self.tokenizer = tokenizer
-        self._train = training_items(cfg)
-        self._stream = train_stream(self._train, tc.seed)
+        self._stream = PromptStream(cfg)
         s = cfg.sampling
         self.sampling = SamplingParams(s.temperature, s.top_p, s.max_tokens, tuple(s.stop))
         self.fed = 0  # problems taken from the stream (the cursor)
@@ -48,6 +47,10 @@ class Feeder:
         self._refeed: list[PromptTask] = []
         self.ledger_path = ledger_path
         self._ledger: TextIO = ledger_path.open("a")
+
+    @property
+    def source_labels(self) -> list[str]:
+        return self._stream.source_labels
 
     @property
     def inflight(self) -> int:
@@ -61,19 +64,19 @@ class Feeder:
                               feed_version=version, prompt_ids=old.prompt_ids), True
         skipped = 0
         while True:
-            task_id, prompt, reference = next(self._stream)
+            item = next(self._stream)
             self.fed += 1
-            ids = tuple(self.tokenizer.encode(prompt, add_special_tokens=False))
+            ids = tuple(self.tokenizer.encode(item.prompt, add_special_tokens=False))
             if self.cfg.task.kind == "toy_arith" or len(ids) <= self.cfg.task.max_prompt_tokens:
                 break
-            log.warning("skipped %s: prompt of %d tokens is over task.max_prompt_tokens", task_id, len(ids))
+            log.warning("skipped %s: prompt of %d tokens is over task.max_prompt_tokens", item.task_id, len(ids))
             skipped += 1
-            if skipped >= len(self._train):
+            if skipped >= len(self._stream):
                 raise ValueError(f"every training prompt is over task.max_prompt_tokens "
                                  f"({self.cfg.task.max_prompt_tokens}); raise it or shorten the template")
         task = PromptTask(
-            task_id=f"{self.fed - 1:08d}:{task_id}", prompt=prompt, reference=reference,
-            task_type=self.cfg.task.task_type, n_samples=self.cfg.learner.n_samples, sampling=self.sampling,
+            task_id=f"{self.fed - 1:08d}:{item.task_id}", prompt=item.prompt, reference=item.reference,
+            task_type=item.task_type, n_samples=self.cfg.learner.n_samples, sampling=self.sampling,
             feed_version=version, prompt_ids=ids,
         )
         return task, False
@@ -122,7 +125,7 @@ class Feeder:
         self._ledger.flush()
         return {
             "fed": self.fed, "trained": self.trained, "dropped": self.dropped, "filtered": self.filtered,
-            "ledger_offset": self.ledger_path.stat().st_size,
+            "ledger_offset": self.ledger_path.stat().st_size, "stream": self._stream.state(),
             "pending": [{"task_id": t.task_id, "prompt": t.prompt, "reference": t.reference,
                          "task_type": t.task_type, "n_samples": t.n_samples, "prompt_ids": list(t.prompt_ids or ())}
                         for t in self.pending.values()],
@@ -133,7 +136,9 @@ class Feeder:
         self.fed = int(state["fed"])
         self.trained, self.dropped = int(state["trained"]), int(state["dropped"])
         self.filtered = int(state.get("filtered", 0))
-        self._stream = itertools.islice(train_stream(self._train, self.cfg.task.seed), self.fed, None)
+        # a checkpoint from before mixtures: one source, its cursor the number fed
+        self._stream.restore(state.get("stream") or {"draws": self.fed,
+                                                     "cursors": {self._stream.labels[0]: self.fed}})
         self.pending = {}
         self._refeed = [
             PromptTask(task_id=p["task_id"], prompt=p["prompt"], reference=p["reference"], task_type=p["task_type"],
@@ -144,22 +149,4 @@ class Feeder:
 
     def close(self) -> None:
         self._ledger.close()
-
-
-def training_items(cfg: Config) -> list[tuple[str, str, str]]:
-    """(task id, prompt, reference) of every training problem: the toy task's, or the dataset files'."""
-    tc = cfg.task
-    if tc.kind == "toy_arith":
-        train, _ = split(all_problems(tc.min_terms, tc.max_terms, tc.max_operand))
-        return [(p.task_id, p.prompt, str(p.answer)) for p in train]
-    if not tc.train_files:
-        raise ValueError("task.kind is dataset but task.train_files is empty")
-    text = template(tc.template)
-    items = []
-    for path in tc.train_files:
-        records = load(Path(path).expanduser(), tc.format, question_field=tc.question_field,
-                       answer_field=tc.answer_field, on_bad=tc.on_bad_record)
-        items += [(r.task_id, render(text, r.question), r.answer) for r in records]
-        log.info("training data: %d problems from %s", len(records), path)
-    return items
 

@@ -41,9 +41,11 @@ from learner.telemetry import (
     json_safe,
     log_step,
     scalars,
+    source_figures,
     step_record,
 )
-from services.config import Config
+from learner.tracking import Tracker, sample_rows
+from services.config import SINKS, Config
 from services.control import CheckpointPointer, ControlPlane, Keys
 from services.memory import HeapTrimmer
 from services.metrics import MetricsServer
@@ -108,7 +110,7 @@ class Learner:
             (self.run_path / "STOPPED").unlink(missing_ok=True)
             consumed = set(st["consumed"])
         else:  # a fresh run under an existing name starts its logs over
-            for name in ("metrics.jsonl", "tasks.jsonl", "DONE", "STOPPED"):
+            for name in ("metrics.jsonl", "tasks.jsonl", "DONE", "STOPPED"):  # the trackers' files: Tracker
                 (self.run_path / name).unlink(missing_ok=True)
         self.feeder = Feeder(cfg, self.prompts, self.tokenizer, self.run_path / "tasks.jsonl")
         if self.resume_state is not None:
@@ -117,6 +119,13 @@ class Learner:
                      self.step, self.version, len(self.resume_state["feeder"]["pending"]))
         self.intake = Intake(cfg, self.prompts, self.trajectories, self.feeder, self.control, self.metrics,
                              self.stop_event, consumed)
+        self.metrics.init_labels(self.feeder.source_labels, list(SINKS))
+        # before any thread starts: a tracker that cannot start (a missing library, W&B online without a key)
+        # stops the learner here, with its message
+        resumed = self.resume_state is not None
+        self.tracker = Tracker(cfg, self.run_path, self.resume_state.get("tracking") if resumed else None,
+                               self.step if resumed else None,
+                               lambda sink: self.metrics.tracking_errors.labels(sink).inc())
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def _checkpoint(self, actor_state: dict[str, torch.Tensor], metrics_offset: int) -> None:
@@ -132,7 +141,7 @@ class Learner:
         ckpt.write_state(tmp, {
             "step": self.step, "version": self.version, "feeder": self.feeder.state(),
             "consumed": sorted(self.intake.consumed), "metrics_offset": metrics_offset,
-            "advantage": self.cfg.learner.advantage,
+            "advantage": self.cfg.learner.advantage, "tracking": self.tracker.checkpoint_state(),
         })
         final = ckpt.commit(tmp, self.ckpt_root, self.step, self.cfg.learner.keep_checkpoints)
         self._publish_checkpoint(final)
@@ -182,6 +191,8 @@ class Learner:
         history = [scalars(json.loads(x)) for x in metrics_path.read_text().splitlines()] \
             if metrics_path.exists() else []
         self._metrics_file, self._history = metrics_path.open("a"), history
+        self._samples: dict[int, list[dict]] = {}  # step → its sample completions, logged with its record
+        status = "FAILED"
         self._unwritten: list[StepRecord] = []  # step records waiting for their evaluation (learner/evaluation.py)
         self._eval_due: set[int] = set()  # steps whose evaluation is out
         self._dropped_total = history[-1]["dropped_stale_total"] if history else 0
@@ -210,10 +221,12 @@ class Learner:
             parallel.send_command(self.dp, parallel.CMD_FINAL)
             self.backend.save_models(self.run_path / "checkpoints" / "final", *self.backend.final_states())
             self._write_accounting(self.run_path / "DONE")
+            status = "FINISHED"
         except KeyboardInterrupt:
             log.info("learner interrupted at version %d", self.version)
             self._write_records(wait=False, all_of_them=True)
             self._write_accounting(self.run_path / "STOPPED")
+            status = "KILLED"
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             # Every call already retried for redis.retry_s: Redis is gone, or this host is cut off from it.
             log.error("Redis unreachable for longer than redis.retry_s (%g s) during step %d (%s): stopping; "
@@ -225,6 +238,7 @@ class Learner:
             if history:
                 plot_curves(history, self.run_path / "curves.png")
             self._metrics_file.close()
+            self.tracker.close(status)
             self.feeder.close()
             self.weights.stop(for_good=not resumable_exit)
             server.close()
@@ -266,6 +280,10 @@ class Learner:
         self.feeder.top_up(self.version)  # the next prompts go out before logging and checkpointing
         record = self._record(step, groups, stats, drops, (t_start, t_collected, t_trained), broadcast_s)
         record.update(filtered_groups=len(filtered), filtered_groups_total=self._filtered_total)
+        record["sources"] = source_figures(groups, self.feeder.source_of)
+        lg = self.cfg.logging
+        self._samples[step] = sample_rows(step, groups, self.tokenizer.decode, lg.samples_per_step, lg.sample_chars,
+                                          self.feeder.source_of)
         return record, actor_state
 
     def _write_records(self, wait: bool, all_of_them: bool = False) -> None:
@@ -283,6 +301,10 @@ class Learner:
                 record.update(fields or {})
                 if "eval_accuracy" in record:
                     self.metrics.eval_accuracy.set(record["eval_accuracy"])
+                for label, accuracy in record.get("eval_source_accuracy", {}).items():
+                    self.metrics.source_eval.labels(source=label).set(accuracy)
+            # trackers first: once a step's line is in metrics.jsonl, every tracker has the step
+            self.tracker.log(record, self._samples.pop(record["step"], []))
             self._metrics_file.write(json.dumps(json_safe(record)) + "\n")
             self._metrics_file.flush()
             self._history.append(scalars(record))

@@ -35,6 +35,9 @@ class PromptTokens:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return [1 + (hash(text) + i) % 1000 for i in range(self.prompt_len)]
 
+    def decode(self, ids) -> str:  # the samples table's prompt column
+        return f"<{len(ids)} simulated prompt tokens>"
+
 
 class _SimWeightGroup(WeightGroup):
     def __init__(self, *args, cost: CostModel, time_scale: float, **kwargs) -> None:

@@ -63,7 +63,27 @@ class LearnerMetrics:
                                 "(learner.filter_groups)", registry=r)
         self.short_batches = Counter("orz_learner_short_batches", "steps that trained on fewer than batch_prompts "
                                      "groups because learner.max_oversample was reached", registry=r)
+        self.tracking_errors = Counter("orz_learner_tracking_errors", "steps an experiment tracker failed to log "
+                                       "(logging.sinks)", ["sink"], registry=r)
+        self.source_reward = Gauge("orz_learner_source_reward_mean", "mean reward of the last batch's groups from "
+                                   "each task.sources entry", ["source"], registry=r)
+        self.source_groups = Counter("orz_learner_source_groups", "groups trained, by task.sources entry",
+                                     ["source"], registry=r)
+        self.source_eval = Gauge("orz_learner_source_eval_accuracy", "in-training eval accuracy by task.sources "
+                                 "entry (its eval_path)", ["source"], registry=r)
         self.last_step_ts = Gauge("orz_learner_last_step_timestamp_seconds", "time of the last step", registry=r)
+
+
+    def init_labels(self, sources: list[str], sinks: list[str]) -> None:
+        """Every labelled series exists from the start: per source (NaN until its first batch or evaluation),
+        and the failure count of each experiment tracker (0)."""
+        for label in sources:
+            self.source_reward.labels(source=label).set(float("nan"))
+            self.source_eval.labels(source=label).set(float("nan"))
+            self.source_groups.labels(source=label)
+        for sink in sinks:
+            if sink != "jsonl":  # every tracker, configured or not: a dashboard's query finds its series
+                self.tracking_errors.labels(sink=sink)
 
 
 class StepRecord(TypedDict, total=False):
@@ -111,6 +131,8 @@ class StepRecord(TypedDict, total=False):
     redis_cpu_s: float
     filtered_groups: int  # this step (learner.filter_groups)
     filtered_groups_total: int
+    sources: dict[str, dict]  # per source (learner/mixture.py, source_of): this step's reward_mean and groups
+    eval_source_accuracy: dict[str, float]  # task.sources with eval_path: the in-training eval per source
 
 
 def step_record(step: int, version: int, advantage: str, groups: Sequence[TrajectoryGroup], stats: dict,
@@ -149,6 +171,17 @@ def step_record(step: int, version: int, advantage: str, groups: Sequence[Trajec
     })
 
 
+def source_figures(groups: Sequence[TrajectoryGroup], source_of) -> dict[str, dict]:
+    """Per source of the batch's groups: their mean reward and how many there were."""
+    rewards: dict[str, list[float]] = {}
+    counts: dict[str, int] = {}
+    for g in groups:
+        label = source_of(g.task_id)
+        rewards.setdefault(label, []).extend(s.reward for s in g.samples)
+        counts[label] = counts.get(label, 0) + 1
+    return {label: {"reward_mean": float(np.mean(r)), "groups": counts[label]} for label, r in sorted(rewards.items())}
+
+
 def generator_activity(control: ControlPlane) -> dict[str, list[float]]:
     """Each live generator's cumulative engine-busy seconds and the time it reported them (its heartbeat):
     busy fraction over an interval = Δbusy_s / Δts (bench/async_e2e.py)."""
@@ -181,6 +214,9 @@ def export(m: LearnerMetrics, r: dict) -> None:
         m.staleness.observe(r["policy_version"] - 1 - v)
     for phase in ("wait_s", "train_s", "broadcast_s", "step_time_s"):
         m.step_time.labels(phase=phase.removesuffix("_s")).set(r[phase])
+    for label, figures in r.get("sources", {}).items():
+        m.source_reward.labels(source=label).set(figures["reward_mean"])
+        m.source_groups.labels(source=label).inc(figures["groups"])
     m.last_step_ts.set(time.time())
 
 

@@ -316,9 +316,10 @@ class PPOTrainer:
                 out = token_logprobs(self.actor, mb, with_entropy, cfg.packing, self.temperature)
                 logprobs, entropy = out if with_entropy else (out, None)
                 prox = proximal[rows, :width] if need_prox else logprobs.detach()
+                clip_low, clip_high = cfg.clip_edges
                 loss, st = ppo_policy_loss(logprobs, prox, mb.behavior_logprobs, advantages[rows, :width],
-                                           policy_mask[rows, :width], cfg.clip_eps, cfg.is_cap, cfg.is_correction,
-                                           cfg.clip_eps_high, cfg.loss_agg, self.max_tokens or 1, cfg.is_mode,
+                                           policy_mask[rows, :width], clip_low, cfg.is_cap, cfg.is_weight,
+                                           clip_high, cfg.loss_agg, self.max_tokens or 1, cfg.is_mode,
                                            cfg.is_low, cfg.is_high)
                 if self.reference is not None:
                     kl = kl_penalty(logprobs, reference[rows, :width], mb.response_mask)

@@ -13,13 +13,12 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from services.config_base import _Section
+from services.config_data import DataFormat, SourceConfig, TaskConfig  # noqa: F401 (importable from here too)
 
 ENV_PREFIX = "ORZ__"
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class ModelConfig(_Section):
@@ -45,26 +44,6 @@ class ModelConfig(_Section):
     @property
     def path(self) -> Path:
         return Path(os.path.expanduser(self.base_path))
-
-
-class TaskConfig(_Section):
-    kind: Literal["toy_arith", "dataset"] = Field(
-        "toy_arith", description="prompt source: the synthetic arithmetic task, or `train_files`")
-    train_files: list[str] = Field(default_factory=list, description="dataset: training files (ORZ's "
-                                   "orz_math_57k_collected.json etc., or JSONL), concatenated")
-    format: Literal["orz", "orz_eval", "jsonl"] = Field("orz", description="dataset: the files' format")
-    question_field: str = Field("question", description="dataset, jsonl: the question's field")
-    answer_field: str = Field("answer", description="dataset, jsonl: the reference answer's field")
-    template: str = Field("orz_base", description="dataset: prompt template (templates/ name or a path)")
-    on_bad_record: Literal["skip", "reject"] = Field(
-        "skip", description="dataset: a malformed record is logged with file:line and skipped, or stops the run")
-    max_prompt_tokens: int = Field(2048, description="dataset: longer prompts are skipped (ORZ: 2k)", ge=1)
-    seed: int = Field(1234, description="seed of the prompt order and the evaluation sample")
-    min_terms: int = Field(2, description="fewest numbers in a problem", ge=1)
-    max_terms: int = Field(3, description="most numbers in a problem", ge=1)
-    max_operand: int = Field(9, description="largest number in a problem", ge=1)
-    eval_size: int = Field(200, description="held-out problems for the accuracy report", ge=1)
-    task_type: str = Field("math", description="grader the reward server uses")
 
 
 class SamplingConfig(_Section):
@@ -160,10 +139,12 @@ class LearnerConfig(_Section):
     gamma: float = Field(1.0, description="GAE discount (ORZ: 1)", ge=0, le=1)
     lam: float = Field(1.0, description="GAE λ (ORZ: 1)", ge=0, le=1)
     normalize_advantages: bool = Field(True, description="batch-level advantage whitening (ORZ)")
-    clip_eps: float = Field(0.2, description="PPO ratio clip ε (both edges unless clip_eps_high is set)", gt=0)
+    clip_eps: float = Field(0.2, description="PPO ratio clip ε: the shorthand for both edges", gt=0)
+    clip_eps_low: float | None = Field(
+        None, gt=0, lt=1, description="lower clip edge: the ratio is clipped to [1 − clip_eps_low, 1 + "
+        "clip_eps_high]; unset: clip_eps")
     clip_eps_high: float | None = Field(
-        None, gt=0, description="upper clip edge: the ratio is clipped to [1 − clip_eps, 1 + clip_eps_high] "
-        "(DAPO's clip-higher: 0.28); unset: clip_eps")
+        None, gt=0, description="upper clip edge (DAPO's clip-higher: 0.28); unset: clip_eps")
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
         "token_mean", description="policy loss over tokens: token_mean (ORZ, DAPO), seq_mean_token_mean (GRPO: "
         "each sequence weighs the same), seq_mean_token_sum_norm (Dr. GRPO: token sums / sampling.max_tokens)")
@@ -183,6 +164,10 @@ class LearnerConfig(_Section):
         "truncate", description="truncate: cap the importance weight at is_cap; mask: drop the tokens (or, with "
         "is_correction sequence, the samples: geometric mean of the token ratios) whose weight is outside "
         "[is_low, is_high] from the policy loss")
+    is_level: Literal["token", "sequence"] | None = Field(
+        None, description="level of the importance weight in either is_mode: per token, or one per sample "
+        "(truncate: the product of its token ratios; mask: their geometric mean, GSPO-style); unset: "
+        "is_correction's. Needs is_correction token or sequence")
     is_low: float | None = Field(None, gt=0, description="is_mode mask: lowest weight kept (unset: 1 / is_high)")
     is_high: float | None = Field(None, gt=0, description="is_mode mask: highest weight kept (unset: is_cap)")
     filter_groups: Literal["none", "zero_variance"] = Field(
@@ -250,6 +235,17 @@ class LearnerConfig(_Section):
         """`dtype` resolved for a learner with (`cuda`) or without a GPU."""
         return ("bfloat16" if cuda else "float32") if self.dtype == "auto" else self.dtype
 
+    @property
+    def clip_edges(self) -> tuple[float, float]:
+        """(ε_low, ε_high): the ratio is clipped to [1 − ε_low, 1 + ε_high]."""
+        return (self.clip_eps if self.clip_eps_low is None else self.clip_eps_low,
+                self.clip_eps if self.clip_eps_high is None else self.clip_eps_high)
+
+    @property
+    def is_weight(self) -> str:
+        """The importance weight the loss applies: none, token or sequence (`is_level` over `is_correction`)."""
+        return "none" if self.is_correction == "none" else (self.is_level or self.is_correction)
+
 
 class WeightSyncConfig(_Section):
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl with CUDA, else gloo")
@@ -283,9 +279,36 @@ class StackConfig(_Section):
     restart_backoff_max_s: float = Field(30.0, description="longest wait between restarts", ge=0)
 
 
+SINKS = ("jsonl", "tensorboard", "wandb", "mlflow")
+
+
 class LoggingConfig(_Section):
     format: Literal["text", "json"] = Field(
         "text", description="one line per record: text (newlines escaped off a terminal) or JSON for log shippers")
+    sinks: list[Literal[SINKS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["jsonl"], description="experiment trackers every step's scalars, in-training "
+        "eval and sample completions go to: any of " + ", ".join(SINKS) + " (jsonl, metrics.jsonl, is always on; "
+        "docs/tracking.md)")
+    samples_per_step: int = Field(4, ge=0, description="sample completions logged per step (a text table in "
+                                  "tensorboard, wandb and mlflow; samples.jsonl)")
+    sample_chars: int = Field(2000, ge=16, description="longest prompt or completion text logged with a sample")
+    tensorboard_dir: str | None = Field(None, description="event files (null: <run_dir>/<run_name>/tensorboard)")
+    wandb_project: str = Field("orz-async", description="W&B project")
+    wandb_entity: str | None = Field(None, description="W&B entity (team or user; null: the key's default)")
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline", description="offline writes <run_dir>/<run_name>/wandb for `wandb sync`; online needs "
+        "WANDB_API_KEY in the environment")
+    mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking server or database (null: "
+                                            "sqlite:///<run_dir>/<run_name>/mlflow.db, artifacts beside it)")
+    mlflow_experiment: str = Field("orz-async", description="MLflow experiment name (created when missing)")
+
+    @model_validator(mode="after")
+    def _jsonl_always(self) -> LoggingConfig:
+        if "jsonl" not in self.sinks:
+            self.sinks = ["jsonl", *self.sinks]
+        if len(set(self.sinks)) != len(self.sinks):
+            raise ValueError(f"logging.sinks lists a sink twice: {self.sinks}")
+        return self
 
 
 class EvalConfig(_Section):
@@ -331,6 +354,8 @@ class Config(_Section):
         if self.sampling.top_p < 1.0:
             problems.append(f"sampling.top_p ({self.sampling.top_p}) must be 1 for training: the learner's log-probs "
                             "are of the whole tempered distribution, and a nucleus would make vLLM's differ from them")
+        if lc.is_level is not None and lc.is_correction == "none":
+            problems.append(f"learner.is_level ({lc.is_level}) needs an importance weight: is_correction is none")
         if lc.is_mode == "mask" and (lc.is_low or 0) >= (lc.is_high or lc.is_cap):
             problems.append(f"learner.is_low ({lc.is_low}) must be below learner.is_high "
                             f"({lc.is_high or lc.is_cap})")

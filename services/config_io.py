@@ -8,6 +8,7 @@ import contextlib
 import copy
 import difflib
 import os
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,9 @@ def reference_markdown() -> str:
     lines = ["| key | default | meaning |", "|---|---|---|"]
 
     def row(key: str, field: Any) -> None:
+        if field.is_required():
+            lines.append(f"| `{key}` | (required) | {field.description or ''} |")
+            return
         default = field.default if field.default_factory is None else field.default_factory()
         if isinstance(default, BaseModel):
             return
@@ -192,6 +196,11 @@ def reference_markdown() -> str:
         if isinstance(section, BaseModel):
             for sub, subfield in type(section).model_fields.items():
                 row(f"{name}.{sub}", subfield)
+                item = typing.get_args(subfield.annotation)[0] if typing.get_origin(subfield.annotation) is list \
+                    else None
+                if isinstance(item, type) and issubclass(item, BaseModel):  # a list of sections: task.sources
+                    for part, partfield in item.model_fields.items():
+                        row(f"{name}.{sub}[].{part}", partfield)
         else:
             row(name, field)
     return "\n".join(lines)

@@ -8,6 +8,11 @@ Formats:
   "final_answer": A}` (GPQA adds `"choices"`).
 - `jsonl`: one JSON object per line; the question and answer fields are named by the caller
   (`question_field`, `answer_field`); an answer holding `#### N` (GSM8K) keeps N.
+- `hf`: a Hugging Face dataset on local disk, read with the `datasets` library: a parquet, JSON/JSONL, CSV or
+  Arrow file (`load_dataset` with the matching builder, `split` of it) or a directory written by
+  `save_to_disk` (`load_from_disk`; a DatasetDict's `split`). Fields as for jsonl.
+
+For jsonl and hf, `task_type_field` names an optional per-row grader (the reward server's `task_type`).
 
 A bad record (not an object, a missing or empty field, a non-string question) is reported with its file
 and line. `on_bad: skip` logs it and goes on; `reject` raises `DataError` listing every bad record (up to
@@ -27,7 +32,8 @@ log = logging.getLogger("orz.data")
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = ROOT / "templates"
 DATA = ROOT / "data"
-Format = Literal["orz", "orz_eval", "jsonl"]
+Format = Literal["orz", "orz_eval", "jsonl", "hf"]
+_HF_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
 
 
 class DataError(ValueError):
@@ -40,6 +46,7 @@ class Record:
     question: str
     answer: str
     source: str  # file:line, for messages
+    task_type: str | None = None  # the row's own grader (hf: task_type_field), else the source's
 
 
 def _json_array_items(path: Path, text: str):
@@ -91,9 +98,39 @@ def _answer_text(value: object) -> str | None:
     return None
 
 
+def _hf_rows(path: Path, split: str) -> list:
+    """(row number, row) of a Hugging Face dataset on local disk; nothing is fetched from the Hub."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{path}: format hf needs the datasets library: pip install 'orz-async[data]'") from None
+    datasets.disable_progress_bars()  # one log line per event, never a progress bar in a log file
+    datasets.logging.set_verbosity_error()
+    try:
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"{path}: no split {split!r} (it has {', '.join(ds)})")
+                ds = ds[split]
+        elif path.suffix in _HF_BUILDERS:
+            ds = datasets.load_dataset(_HF_BUILDERS[path.suffix], data_files={split: str(path)}, split=split)
+        else:
+            raise DataError(f"{path}: format hf reads {', '.join(_HF_BUILDERS)} files or save_to_disk directories")
+    except DataError:
+        raise
+    except Exception as exc:  # the library's own errors (a corrupt parquet, a missing file) with the path
+        raise DataError(f"{path}: cannot load as a Hugging Face dataset ({type(exc).__name__}: {exc})") from None
+    return list(enumerate(ds, start=1))
+
+
 def load(path: str | Path, fmt: Format, *, question_field: str = "question", answer_field: str = "answer",
-         on_bad: Literal["skip", "reject"] = "skip", limit: int | None = None) -> list[Record]:
+         on_bad: Literal["skip", "reject"] = "skip", limit: int | None = None, split: str = "train",
+         task_type_field: str | None = None) -> list[Record]:
     path = Path(path)
+    if fmt == "hf":
+        return _records(path, _hf_rows(path, split), fmt, question_field, answer_field, task_type_field, on_bad,
+                        limit, where_prefix=f"{path}[{split}] row")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -110,12 +147,18 @@ def load(path: str | Path, fmt: Format, *, question_field: str = "question", ans
     elif fmt in ("orz", "orz_eval"):
         items = list(_json_array_items(path, text))
     else:
-        raise DataError(f"{path}: unknown format {fmt!r} (orz, orz_eval, jsonl)")
+        raise DataError(f"{path}: unknown format {fmt!r} (orz, orz_eval, jsonl, hf)")
+    return _records(path, items, fmt, question_field, answer_field, task_type_field if fmt == "jsonl" else None,
+                    on_bad, limit, where_prefix=f"{path}:")
 
+
+def _records(path: Path, items: list, fmt: Format, question_field: str, answer_field: str,
+             task_type_field: str | None, on_bad: Literal["skip", "reject"], limit: int | None,
+             where_prefix: str) -> list[Record]:
     records: list[Record] = []
     bad: list[str] = []
     for index, (line, item) in enumerate(items):
-        where = f"{path}:{line}"
+        where = f"{where_prefix}{line}" if where_prefix.endswith(":") else f"{where_prefix} {line}"
         if isinstance(item, DataError):
             bad.append(f"{where}: {item}")
             continue
@@ -132,7 +175,13 @@ def load(path: str | Path, fmt: Format, *, question_field: str = "question", ans
         if not isinstance(question, str) or not question.strip() or answer_text is None:
             bad.append(f"{where}: record {index} is not {what} with a non-empty question and answer")
             continue
-        records.append(Record(f"{path.stem}:{index}", question.strip(), answer_text, where))
+        task_type = None
+        if task_type_field is not None:
+            task_type = _field(item, task_type_field)
+            if not isinstance(task_type, str) or not task_type.isidentifier():
+                bad.append(f"{where}: record {index} has no grader name in {task_type_field!r}")
+                continue
+        records.append(Record(f"{path.stem}:{index}", question.strip(), answer_text, where, task_type))
         if limit is not None and len(records) >= limit:
             break
     if bad:

@@ -116,7 +116,7 @@ def test_feeds_a_dataset_in_orz_format_through_the_template(redis_url: str, tmp_
     queue = StreamQueue(client, keys.prompts, "generators", PromptTask, keys.dead)
     queue.ensure_group()
     feeder = Feeder(cfg, queue, _tokenizer(), tmp_path / "tasks.jsonl")
-    assert len(feeder._train) == 6  # the bad record skipped (and logged with its line)
+    assert len(feeder._stream) == 6  # the bad record skipped (and logged with its line)
     assert feeder.top_up(version=0) == 4
     tasks = [t for _, t in queue.read("g", 10, 100)]
     seen = {t.prompt.split("This is the problem:\n")[1].split("\nAssistant:")[0]: t for t in tasks}

@@ -12,6 +12,7 @@ import torch
 
 from learner.loss import aggregate, ppo_policy_loss
 from learner.shaping import overlong_penalty
+from services.config import Config, LearnerConfig
 
 
 def _ragged(seed: int = 0, rows: int = 5, width: int = 7) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -140,3 +141,22 @@ def test_masked_is_at_the_sequence_level_uses_the_geometric_mean() -> None:
 def test_masked_is_sequence_weight_of_a_long_sample_does_not_overflow() -> None:
     loss, st = _masked([[1e30] * 8], "sequence", 0.5, 2.0)
     assert math.isfinite(loss.item()) and loss.item() == 0.0 and st["is_masked_frac"] == 1.0
+
+
+def test_clip_eps_low_moves_only_the_lower_edge() -> None:
+    # ε_low 0.1: r = 0.85 with A < 0 is now below 1 − 0.1, so L = −min(−0.85, −0.9) = 0.9, clipped
+    assert _one_token_loss(0.85, -1.0, 0.1, 0.28) == pytest.approx((0.9, 1.0))
+    assert _one_token_loss(1.25, 1.0, 0.1, 0.28) == pytest.approx((-1.25, 0.0))  # upper edge untouched
+
+
+def test_clip_and_is_level_keys_resolve_as_documented() -> None:
+    assert LearnerConfig().clip_edges == (0.2, 0.2)
+    assert LearnerConfig(clip_eps=0.3).clip_edges == (0.3, 0.3)  # the symmetric shorthand
+    assert LearnerConfig(clip_eps_low=0.1, clip_eps_high=0.28).clip_edges == (0.1, 0.28)
+    assert LearnerConfig(clip_eps_high=0.28).clip_edges == (0.2, 0.28)
+    assert LearnerConfig().is_weight == "token"
+    assert LearnerConfig(is_level="sequence").is_weight == "sequence"
+    assert LearnerConfig(is_correction="sequence", is_level="token").is_weight == "token"
+    assert LearnerConfig(is_correction="none").is_weight == "none"
+    with pytest.raises(ValueError, match="is_level .* needs an importance weight"):
+        Config.model_validate({"learner": {"is_correction": "none", "is_level": "token"}})
