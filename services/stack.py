@@ -73,8 +73,15 @@ def up(cfg: Config, evaluate: bool = True, resume: bool = False) -> int:
     children: list[Child] = []
     redis_server: EmbeddedRedis | None = None
 
+    stopping = False
+
     def on_signal(signum, _frame) -> None:
-        raise KeyboardInterrupt
+        # Once: a second signal (Ctrl-C twice, SIGTERM then SIGINT) must not cut short the stopping of the
+        # children below, or they outlive `orz up`.
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise KeyboardInterrupt
 
     # Installed explicitly: a process started from a non-interactive shell inherits SIGINT as ignored.
     signal.signal(signal.SIGTERM, on_signal)
@@ -181,6 +188,7 @@ def up(cfg: Config, evaluate: bool = True, resume: bool = False) -> int:
         summary["wall_s"] = round(time.time() - t_start, 1)
         (run_path / "summary.json").write_text(json.dumps(summary, indent=2))
         _print_summary(summary, run_path)
+        _print_trackers(cfg, run_path)
         return 0
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: stopping every process[/]")
@@ -189,6 +197,7 @@ def up(cfg: Config, evaluate: bool = True, resume: bool = False) -> int:
         console.print(f"[red]{exc}[/]")
         return 1
     finally:
+        stopping = True  # from here a signal is ignored: the children are being stopped
         # The learner first: it finishes its step and closes the weight-sync group, so generators are not
         # torn out of a broadcast; then the rest, newest first.
         for child in sorted(reversed(children), key=lambda c: c.name != "learner"):
@@ -248,6 +257,17 @@ def _summary(history: list[dict], train_wall_s: float) -> dict:
         "trained_groups": sum(len(r["task_ids"]) for r in history),
         "trained_response_tokens": tokens,
     }
+
+
+def _print_trackers(cfg: Config, run_path: Path) -> None:
+    """Where the experiment trackers wrote, as the commands that open them (docs/tracking.md)."""
+    lc = cfg.logging
+    if "tensorboard" in lc.sinks:
+        console.print(f"tensorboard --logdir {lc.tensorboard_dir or run_path / 'tensorboard'}")
+    if "wandb" in lc.sinks and lc.wandb_mode == "offline":
+        console.print(f"wandb sync {run_path / 'wandb'}/offline-run-*")
+    if "mlflow" in lc.sinks and lc.mlflow_tracking_uri is None:
+        console.print(f"mlflow ui --backend-store-uri sqlite:///{(run_path / 'mlflow.db').resolve()}")
 
 
 def _print_summary(s: dict, run_path: Path) -> None:

@@ -43,6 +43,19 @@ def _sample_names(url: str) -> set[str]:
     return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+def _run_processes(run_name: str) -> list[int]:
+    """Live processes started for the run (their environment names it), zombies left out."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and f"ORZ__RUN_NAME={run_name}".encode() in (d / "environ").read_bytes().split(b"\0") \
+                    and (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                pids.append(int(d.name))
+        except OSError:
+            continue
+    return pids
+
+
 def _query(prom: str, expr: str) -> float | None:
     data = httpx.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=5).json()
     assert data["status"] == "success", data
@@ -130,6 +143,14 @@ def test_prometheus_scrapes_a_live_run(tmp_path: Path) -> None:
         assert len(used) >= 20
         missing = {m for m in used if m not in exported}
         assert not missing, f"dashboard/rules use metrics no process exports: {sorted(missing)}"
+
+        # Stopping: SIGTERM, then a second signal while orz up stops its children (an impatient Ctrl-C). The
+        # second must not cut the stopping short: no process of the run outlives orz up.
+        run.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        run.send_signal(signal.SIGINT)
+        run.wait(120)
+        assert _run_processes("scrape") == [], "children outlived orz up"
     finally:
         if prom_proc is not None:
             prom_proc.terminate()
