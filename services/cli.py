@@ -7,6 +7,7 @@ entry point when it runs, so `orz reward-server` never loads torch models and `o
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -85,11 +86,26 @@ def learner(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt,
 
 
 @app.command("config")
-def config_(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt) -> None:
+def config_(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt,
+            get: str | None = typer.Option(None, help="print one value instead: a dotted key (redis.url) or "
+                                           "run_path (<run_dir>/<run_name>); for scripts such as deploy/slurm/")
+            ) -> None:
     """Print the resolved config as YAML: defaults, file, ORZ__ environment and --set merged (exit 2 on bad keys
     or values, naming every one)."""
     cfg = _setup(config, set_, "config")
-    typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, width=1 << 20), nl=False)
+    if get is None:
+        typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, width=1 << 20), nl=False)
+        return
+    if get == "run_path":
+        typer.echo(str(cfg.run_path))
+        return
+    value: Any = cfg.model_dump(mode="json")
+    for part in get.split("."):
+        if not isinstance(value, dict) or part not in value:
+            typer.secho(f"config error: no key {get!r}", fg="red", err=True)
+            raise typer.Exit(2)
+        value = value[part]
+    typer.echo(value if isinstance(value, str) else json.dumps(value))
 
 
 @app.command()

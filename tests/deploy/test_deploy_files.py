@@ -370,3 +370,26 @@ def test_orz_7b_overlay_carries_the_recipe() -> None:
     assert container["resources"]["limits"]["nvidia.com/gpu"] == str(recipe.learner.num_processes)
     config_map = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("orz-config"))
     assert yaml.safe_load(config_map["data"]["config.yaml"]) == yaml.safe_load((overlay / "config.yaml").read_text())
+
+
+# ---- SLURM ----------------------------------------------------------------------------------------------
+# (run for real on a one-node cluster by tests/e2e/test_slurm.py; these checks need no cluster)
+
+
+@pytest.mark.parametrize("script", ["orz.sbatch", "generators.sbatch"])
+def test_slurm_scripts_parse_and_match_the_cli_and_the_config(script: str) -> None:
+    path = DEPLOY / "slurm" / script
+    _run("bash", "-n", str(path))
+    text = path.read_text()
+    assert text.startswith("#!/usr/bin/env bash\n") and "#SBATCH --job-name=" in text
+    assert "set -euo pipefail" in text
+    for line in text.splitlines():
+        for m in re.finditer(r"services\.cli ([a-z][a-z-]*)((?: --?[a-z][a-z-]*)*)", line):
+            _check_command([m.group(1), *m.group(2).split()])
+    for name in set(re.findall(r"\b(ORZ__[A-Z_]+)", text)):
+        _check_env_name(name)
+    # the options the scripts pass after positional arguments, which the pattern above does not reach
+    for command, option in (("learner", "--auto-resume"), ("config", "--get"), ("reward-server", "--host"),
+                            ("reward-server", "--port"), ("generator", "--id")):
+        if f"services.cli {command}" in text and option in text:
+            _check_command([command, option])
