@@ -13,6 +13,7 @@ curves per comparison under docs/.
 
     python bench/tiny_comparisons.py                    # 6 variants x 3 seeds, about 80 minutes on 2 cores
     python bench/tiny_comparisons.py --only default,grpo --seeds 1
+    python bench/tiny_comparisons.py --only default,grpo,dapo,drgrpo --plots dapo   # the DAPO table, about 45 minutes
     python bench/tiny_comparisons.py --from bench/results/tiny-comparisons-2026-12-01.json --readme
 """
 
@@ -96,9 +97,10 @@ def seed_mean_history(run_paths: list[str]) -> list[dict]:
             for i in range(steps)]
 
 
-def plot(runs: list[dict], docs: Path) -> list[str]:
+def plot(runs: list[dict], docs: Path, names: list[str]) -> list[str]:
     written = []
-    for name, variants in COMPARISONS.items():
+    for name in names:
+        variants = COMPARISONS[name]
         curves = {VARIANTS[v][0]: seed_mean_history([r["run"] for r in runs if r["variant"] == v])
                   for v in variants if any(r["variant"] == v for r in runs)}
         if len(curves) > 1:
@@ -140,6 +142,7 @@ def main() -> None:
     ap.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "cmp")
     ap.add_argument("--from", dest="from_file", type=Path, help="re-render a saved result instead of running")
     ap.add_argument("--readme", action="store_true", help="render the README table between its markers")
+    ap.add_argument("--plots", help="comma-separated comparisons to plot (default: every one whose variants all ran)")
     args = ap.parse_args()
     if args.from_file:
         doc = json.loads(args.from_file.read_text())
@@ -156,11 +159,14 @@ def main() -> None:
         doc = {"benchmark": "tiny_comparisons", "date": date, "file": f"tiny-comparisons-{date}.json",
                "seeds": args.seeds, "config": str(args.config.relative_to(ROOT)), "runs": runs,
                "variants": aggregate(runs)}
-        doc["plots"] = plot(runs, ROOT / "docs")
+        ran = {r["variant"] for r in runs}
+        names = args.plots.split(",") if args.plots else [n for n, vs in COMPARISONS.items() if set(vs) <= ran]
+        doc["plots"] = plot(runs, ROOT / "docs", names)
         out = ROOT / "bench" / "results" / doc["file"]
         out.write_text(json.dumps(doc, indent=2))
     if args.readme:
-        replace_block("tiny-comparisons", markdown(doc))
+        if all(v in doc["variants"] for v in ("default", "grpo", "s0", "s2", "s4", "none")):
+            replace_block("tiny-comparisons", markdown(doc))
         if any(v in doc["variants"] for v in ("dapo", "drgrpo")):
             replace_block("dapo-comparisons", markdown(doc, ["default", "grpo", "dapo", "drgrpo"], filtered=True))
     print(json.dumps(doc["variants"], indent=2))

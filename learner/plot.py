@@ -61,8 +61,14 @@ def plot_comparison(runs: dict[str, list[dict]], out: Path, window: int = 5) -> 
         ax.set_title(title)
         ax.set_xlabel("learner step")
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
+    # One legend for all panels, under them: long run labels would otherwise squeeze the axes.
+    handles, labels = axes[0].get_legend_handles_labels()
+    ncol = 1 if max(map(len, labels), default=0) > 60 else 2
+    rows = -(-len(labels) // ncol)
+    width, height = fig.get_size_inches()
+    fig.set_size_inches(width, height + 0.3 * rows)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False)
+    fig.tight_layout(rect=(0, 0.3 * rows / (height + 0.3 * rows), 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
