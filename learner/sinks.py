@@ -35,6 +35,7 @@ class TensorBoardSink:
 
     name = "tensorboard"
     rewinds = True  # steps past the checkpoint are logged again, and the reader keeps the newer ones
+    buffered = False  # flushed every step
 
     def __init__(self, cfg: Config, run_path: Path, resume_step: int | None) -> None:
         _require("tensorboard", self.name)
@@ -65,10 +66,16 @@ class TensorBoardSink:
 
 class WandbSink:
     """A W&B run under `<run>/wandb`; offline (for `wandb sync`) unless `logging.wandb_mode: online`. Its run id
-    is kept in the checkpoint and a resumed run continues it (`resume="allow"`)."""
+    is kept in the checkpoint and a resumed run continues it (`resume="allow"`).
+
+    W&B's service process buffers what it is sent and writes it out when the run finishes: a learner killed
+    with -9 loses the steps since. So at every checkpoint the run is finished and continued under the same id
+    (`persist`, about a second), and only what a finish wrote out counts as logged: after a crash the resumed
+    run sends W&B the steps past the checkpoint again, and W&B has each step once."""
 
     name = "wandb"
     rewinds = False  # W&B keeps the first value logged at a step
+    buffered = True  # a step it took is safe only once persisted
 
     def __init__(self, cfg: Config, run_path: Path, run_id: str | None) -> None:
         lc = cfg.logging
@@ -77,10 +84,20 @@ class WandbSink:
                                "logging.wandb_mode: offline and `wandb sync` the run directory later")
         self.wandb = _require("wandb", self.name)
         # console capture off: the learner's log already goes to its own file, one line per record
-        settings = self.wandb.Settings(console="off", silent=True, disable_git=True)
-        self.run = self.wandb.init(project=lc.wandb_project, entity=lc.wandb_entity, name=cfg.run_name,
-                                   id=run_id, resume="allow" if run_id else None, dir=str(run_path),
-                                   mode=lc.wandb_mode, config=public_config(cfg), settings=settings)
+        self._init = dict(project=lc.wandb_project, entity=lc.wandb_entity, name=cfg.run_name, dir=str(run_path),
+                          mode=lc.wandb_mode, config=public_config(cfg),
+                          settings=self.wandb.Settings(console="off", silent=True, disable_git=True))
+        self.run = self.wandb.init(id=run_id, resume="allow" if run_id else None, **self._init)
+        self._started = time.time()
+
+    def persist(self) -> None:
+        """Everything logged so far written out: the run finished and continued under the same id."""
+        run_id = self.run.id
+        self.run.finish()
+        # an offline run's directory is named by the second it starts in: never two in one second
+        time.sleep(max(0.0, 1.05 - (time.time() - self._started)))
+        self.run = self.wandb.init(id=run_id, resume="allow", **self._init)
+        self._started = time.time()
 
     def ids(self) -> dict:
         return {"wandb_run_id": self.run.id}
@@ -105,6 +122,7 @@ class MlflowSink:
 
     name = "mlflow"
     rewinds = False  # MLflow appends: a step logged twice would show twice, so the tracker never does it
+    buffered = False  # each log_batch is written to the store before it returns
 
     def __init__(self, cfg: Config, run_path: Path, run_id: str | None) -> None:
         _require("mlflow", self.name)

@@ -5,10 +5,10 @@ sample completions (also appended to samples.jsonl, the jsonl sink's table).
 Resuming continues the same tracked runs: the W&B and MLflow run ids are kept in the checkpoint. The steps a
 run logged after its last checkpoint and before a crash are trained again by the resumed run. TensorBoard
 rewinds (`purge_step`) and shows the resumed run's values for them; W&B and MLflow keep the values first logged
-(both append), so the tracker does not send those steps to them again: `tracking.json`, rewritten as soon as a
-tracker has taken a step, holds the last step each one has (for MLflow the store itself is asked as well).
-Either way each tracker has each step exactly once, none missing. (A kill in the instant between a tracker
-taking a step and tracking.json being rewritten would have W&B show that one step twice.)
+(both append), so the tracker does not send those steps to them again: `tracking.json` holds the last step each
+one has written out (for MLflow the store itself is asked as well). TensorBoard and MLflow write every step as
+it comes; W&B buffers until its run finishes, so the tracker finishes and continues it at every checkpoint
+(learner/sinks.py) and counts only that. Either way each tracker has each step exactly once, none missing.
 """
 
 from __future__ import annotations
@@ -118,6 +118,7 @@ class Tracker:
         # the checkpoint's step (a tracker added to a resumed run starts after it)
         self.logged = {s.name: max(resume_step or 0, int(saved.get("logged", {}).get(s.name, 0)), s.last_step())
                        for s in self.sinks}
+        self.durable = dict(self.logged)  # what tracking.json says: the steps each tracker has written out
         for sink in self.sinks:
             if resume_step is not None and not sink.rewinds and self.logged[sink.name] > resume_step:
                 log.info("tracking: %s has steps %d-%d from before the crash and keeps them; the resumed run's "
@@ -134,9 +135,23 @@ class Tracker:
         return out
 
     def checkpoint_state(self) -> dict:
-        """What a checkpoint keeps: the tracked runs' ids and where samples.jsonl ends."""
+        """What a checkpoint keeps: the tracked runs' ids and where samples.jsonl ends. Buffering trackers write
+        out what they have first."""
         self.samples.flush()
+        self._persist()
         return {**self.ids(), "samples_offset": self.samples.tell()}
+
+    def _persist(self) -> None:
+        for sink in self.sinks:
+            if sink.buffered and self.durable[sink.name] < self.logged[sink.name]:
+                try:
+                    sink.persist()
+                except Exception as exc:
+                    self.on_error(sink.name)
+                    log.warning("tracking: %s could not write out its steps: %s", sink.name, exc)
+                    continue
+                self.durable[sink.name] = self.logged[sink.name]
+        self._save()
 
     def log(self, record: dict, samples: list[dict]) -> None:
         """One step, to every tracker that has not had it (a tracker's fault is counted, never stops training)."""
@@ -158,11 +173,13 @@ class Tracker:
                                 exc)
                 continue
             self.logged[sink.name] = step
-            self._save()
+            if not sink.buffered:
+                self.durable[sink.name] = step
+                self._save()
 
     def _save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"logged": self.logged, "ids": self.ids()}))
+        tmp.write_text(json.dumps({"logged": self.durable, "ids": self.ids()}))
         os.replace(tmp, self.path)
 
     def close(self, status: str) -> None:
@@ -173,3 +190,6 @@ class Tracker:
                 sink.close(status)
             except Exception as exc:
                 log.warning("tracking: %s did not close cleanly: %s", sink.name, exc)
+                continue
+            self.durable[sink.name] = self.logged[sink.name]  # a finished run has written everything out
+        self._save()
