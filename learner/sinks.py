@@ -5,6 +5,7 @@ as a text table, at the learner's step. learner/tracking.py decides what each on
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import time
@@ -21,7 +22,7 @@ SAMPLE_COLUMNS = ("step", "task_id", "source", "reward", "verdict", "finish_reas
 
 def _require(module: str, sink: str):
     try:
-        return __import__(module, fromlist=["_"])
+        return importlib.import_module(module)
     except ImportError:
         raise RuntimeError(f"logging.sinks lists {sink}, but its library is not installed: "
                            "pip install 'orz-async[tracking]'") from None

@@ -19,7 +19,7 @@ def test_panels_follow_the_runs(tmp_path: Path) -> None:
     plot_comparison({"a": _history(30, None), "b": _history(20, None)}, tmp_path / "without_eval.png")
     with Image.open(tmp_path / "with_eval.png") as a, Image.open(tmp_path / "without_eval.png") as b:
         assert a.size[0] == 4 * 520 and b.size[0] == 3 * 520  # 5.2 in per panel at 100 dpi
-        assert a.size[1] == b.size[1] == 380
+        assert a.size[1] == b.size[1] == 380 + 30  # 3.8 in, plus 0.3 in for the one legend row under them
 
 
 def test_first_and_last_ten_steps_are_what_the_plot_and_the_summary_report(tmp_path: Path) -> None:
