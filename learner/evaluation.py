@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 
-from learner.mixture import eval_items
+from learner.mixture import eval_items, source_of
 from services.config import Config
 from services.datasets import bench_records, render, template
 from services.protocol import EvalResult, PromptTask, SamplingParams
@@ -42,7 +42,7 @@ class InTrainingEval:
         elif any(s.eval_path for s in tc.sources):
             rows = eval_items(cfg, lc.eval_size)
             self.items = [(r.prompt, r.reference, r.task_type) for r in rows]
-            self.sources = [r.task_id.split(":")[0] for r in rows]
+            self.sources = [source_of(r.task_id) for r in rows]
         else:
             problems = eval_set(all_problems(tc.min_terms, tc.max_terms, tc.max_operand), lc.eval_size, tc.seed)
             self.items = [(p.prompt, str(p.answer), tc.task_type) for p in problems]

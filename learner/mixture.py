@@ -92,7 +92,7 @@ class PromptStream:
     @property
     def source_labels(self) -> list[str]:
         """The labels task ids carry (`source_of`): the sources', or each train file's stem."""
-        return sorted({item.task_id.split(":")[0] for items in self.sources.values() for item in items})
+        return sorted({source_of(item.task_id) for items in self.sources.values() for item in items})
 
     def __len__(self) -> int:
         return sum(len(items) for items in self.sources.values())
