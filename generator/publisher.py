@@ -18,11 +18,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
-import numpy as np
-
 from generator.engine import Completion
 from generator.reward_client import GradeItem, RewardClientError
-from services.protocol import EvalResult, PromptTask, Sample, TrajectoryGroup
+from services.protocol import EvalResult, PromptTask, TrajectoryGroup
+from services.publish import publish_and_ack
 from services.queue import StreamQueue
 
 MAX_PUBLISH_BACKLOG = 8  # engine steps' worth of finished groups waiting for grading before the engine waits
@@ -108,24 +107,20 @@ class Publisher:
                     policy_version=job.version_first, policy_version_last=version_last, generator_id=self.id,
                     truncated=sum(c.finish_reason == "length" for c in comps)))
                 continue
-            samples = tuple(
-                Sample(np.asarray(c.token_ids, dtype=np.int32), np.asarray(c.logprobs, dtype=np.float32),
-                       by_id[f"{ji}/{si}"].reward, c.finish_reason, c.text, by_id[f"{ji}/{si}"].verdict)
-                for si, c in enumerate(comps)
-            )
-            group = TrajectoryGroup(
-                task_id=job.task.task_id, prompt_ids=np.asarray(job.task.prompt_ids, dtype=np.int32),
-                samples=samples, policy_version=job.version_first, policy_version_last=version_last,
-                generator_id=self.id,
+            # Texts only where the learner asked for them (its sample of completions to log): it trains on ids.
+            marks = [by_id[f"{ji}/{si}"] for si in range(len(comps))]
+            group = TrajectoryGroup.build(
+                job.task.task_id, job.task.prompt_ids, [c.token_ids for c in comps], [c.logprobs for c in comps],
+                [m.reward for m in marks], [c.finish_reason for c in comps],
+                [c.text if job.task.with_texts else "" for c in comps], [m.verdict for m in marks],
+                policy_version=job.version_first, generator_id=self.id, policy_version_last=version_last,
                 timings={"generate_s": time.time() - job.submitted, "grade_s": grade_s, "published_at": time.time()},
             )
             groups.append(group)
-        if groups:
-            self.trajectories.add_many(groups)
-        if evals:
-            self.evals.add_many(evals)
-        # Acked only after the results are in Redis: a crash before this leaves the prompts pending, and a
-        # live peer reclaims them (docs/architecture.md, "Delivery").
-        self.prompts.ack([job.entry_id for job, _ in jobs])
+        # The results and the acks of their prompts in one MULTI/EXEC, one round trip: Redis applies all of it or
+        # none, so a crash or a lost connection leaves the prompts pending with no result, and a live peer
+        # reclaims them (docs/architecture.md, "Delivery").
+        publish_and_ack([(self.trajectories, groups), (self.evals, evals)], self.prompts,
+                        [job.entry_id for job, _ in jobs])
         self.release([job.entry_id for job, _ in jobs])
         self.metrics.groups.inc(len(jobs))

@@ -26,7 +26,7 @@ from generator.reward_client import RewardClient
 from services.config import Config
 from services.control import ControlPlane, Heartbeat, Keys
 from services.membership import WeightListener
-from services.memory import HeapTrimmer
+from services.memory import HeapTrimmer, keep_freed_memory
 from services.metrics import MetricsServer
 from services.protocol import PromptTask, SamplingParams
 from services.queue import StreamQueue, eval_queue, trajectory_queue
@@ -36,6 +36,9 @@ from services.weight_sync import layout_digest
 log = logging.getLogger("orz.generator")
 
 PROMPT_GROUP = "generators"
+
+
+PROMPT_POLL_S = 0.05  # a busy generator that found no prompts looks again after this
 
 
 class GeneratorMetrics:
@@ -68,6 +71,7 @@ class Generator:
         """`engine_factory(generator_config, model_path, seed=…)` and `reward` (a RewardClient) default to the
         configured backend and reward server; bench/simulate.py passes cost models instead."""
         self.cfg = cfg
+        keep_freed_memory()  # message-sized blocks reuse pages instead of faulting new ones in
         self.id = generator_id or f"gen-{socket.gethostname()}-{os.getpid()}"
         self.keys = Keys(cfg.namespace)
         self.redis = connect_cfg(cfg.redis)
@@ -96,6 +100,7 @@ class Generator:
         self.started = time.time()
         self.busy_s = 0.0  # time in engine steps with requests in flight (the GPU's busy time)
         self._last_reclaim = 0.0
+        self._poll_after = 0.0  # no non-blocking prompt read before this (the stream was empty last time)
         self._window_tokens = 0
         self._window_start = time.time()
 
@@ -200,12 +205,18 @@ class Generator:
         bound; the engine keeps stepping meanwhile.
         """
         still_waiting = []
+        assert self.engine is not None
+        queued = self.engine.queued() if hasattr(self.engine, "queued") else None
         for entry_id, task, since in self.waiting:
             overdue = time.time() - since > self.cfg.generator.weight_wait_s or listener.stopped
-            if task.feed_version <= self.version or overdue:
+            if queued is not None and queued >= task.n_samples:
+                # The engine has a prompt's worth of samples waiting for slots already: this one waits here,
+                # unstamped, rather than in the engine's queue under weights that will be old when it starts.
+                still_waiting.append((entry_id, task, since))
+            elif task.feed_version <= self.version or overdue:
+                queued = None if queued is None else queued + task.n_samples
                 self._seq += 1
                 rid = f"{entry_id}#{self._seq}"
-                assert self.engine is not None
                 try:
                     self.engine.submit(rid, list(task.prompt_ids or ()), task.sampling, task.n_samples)
                 except (ValueError, TypeError) as exc:  # the engine's own checks (a token id past the vocabulary)
@@ -275,11 +286,14 @@ class Generator:
                 if lag > self.cfg.learner.max_staleness:
                     # Backpressure: samples from these weights would be dropped as stale; wait for new ones.
                     self.stop_event.wait(0.01)
-                elif room > 0:
+                elif room > 0 and (not self.inflight or time.time() >= self._poll_after):
                     idle = not self.inflight and not self.waiting
                     taken = self._take_prompts(min(room, gcfg.prompts_per_batch),
                                                self.cfg.redis.block_ms if idle else None)
                     self.waiting += [(eid, task, time.time()) for eid, task in taken]
+                    # An empty stream (the feeder at its in-flight cap) stays empty for a while: polling it between
+                    # every engine step cost Redis thousands of reads a step at 64 generators (bench/simulate.py).
+                    self._poll_after = time.time() + (PROMPT_POLL_S if not taken else 0.0)
                 self._submit_ready(listener)
                 self.publisher.collect()
                 if self.inflight:

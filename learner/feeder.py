@@ -61,7 +61,7 @@ class Feeder:
             old = self._refeed.pop(0)
             return PromptTask(task_id=old.task_id, prompt=old.prompt, reference=old.reference,
                               task_type=old.task_type, n_samples=old.n_samples, sampling=old.sampling,
-                              feed_version=version, prompt_ids=old.prompt_ids), True
+                              feed_version=version, prompt_ids=old.prompt_ids, with_texts=old.with_texts), True
         skipped = 0
         while True:
             item = next(self._stream)
@@ -77,22 +77,29 @@ class Feeder:
         task = PromptTask(
             task_id=f"{self.fed - 1:08d}:{item.task_id}", prompt=item.prompt, reference=item.reference,
             task_type=item.task_type, n_samples=self.cfg.learner.n_samples, sampling=self.sampling,
-            feed_version=version, prompt_ids=ids,
+            feed_version=version, prompt_ids=ids, with_texts=self._with_texts(),
         )
         return task, False
 
     def top_up(self, version: int) -> int:
-        """Adds prompts until `max_inflight_prompts` are in flight; returns how many were added."""
-        added = 0
-        while self.inflight < self.cfg.max_inflight_prompts:
-            task, refed = self._next_task(version)
-            self.queue.add(task)
+        """Adds prompts until `max_inflight_prompts` are in flight (one pipelined round trip); returns how many."""
+        tasks = []
+        while self.inflight + len(tasks) < self.cfg.max_inflight_prompts:
+            tasks.append(self._next_task(version))
+        if not tasks:
+            return 0
+        self.queue.add_many([task for task, _ in tasks])
+        for task, refed in tasks:
             self.pending[task.task_id] = task
             event = "refed" if refed else "fed"
             self._ledger.write(json.dumps({"event": event, "task_id": task.task_id, "version": version}) + "\n")
-            added += 1
         self._ledger.flush()
-        return added
+        return len(tasks)
+
+    def _with_texts(self) -> bool:
+        """Whether the prompt drawn last asks for its response texts: `logging.samples_per_step` of every
+        `batch_prompts` prompts do, the completions the learner logs. The rest travel as token ids only."""
+        return (self.fed - 1) % self.cfg.learner.batch_prompts < self.cfg.logging.samples_per_step
 
     def refeed(self, task_ids: list[str], version: int, reason: str) -> None:
         """Feed in-flight tasks again, at once and under the same ids: their prompts were lost (a Redis restart
@@ -102,16 +109,17 @@ class Feeder:
             old = self.pending[task_id]
             task = PromptTask(task_id=old.task_id, prompt=old.prompt, reference=old.reference,
                               task_type=old.task_type, n_samples=old.n_samples, sampling=old.sampling,
-                              feed_version=version, prompt_ids=old.prompt_ids)
+                              feed_version=version, prompt_ids=old.prompt_ids, with_texts=old.with_texts)
             self.queue.add(task)
             self.pending[task_id] = task
             self._ledger.write(json.dumps({"event": "refed", "task_id": task_id, "version": version,
                                            "reason": reason}) + "\n")
         self._ledger.flush()
 
-    def record(self, event: str, task_id: str, step: int) -> None:
+    def record(self, event: str, task_id: str, step: int, **extra: int) -> None:
         """`trained`, `dropped_stale` or `filtered` (its group carried no signal: learner.filter_groups): the
-        task leaves the in-flight set, and its slot frees for the next prompt."""
+        task leaves the in-flight set, and its slot frees for the next prompt. `extra` goes into the ledger
+        line (a stale drop's policy versions: where its staleness came from)."""
         if self.pending.pop(task_id, None) is not None:
             if event == "trained":
                 self.trained += 1
@@ -119,7 +127,7 @@ class Feeder:
                 self.filtered += 1
             else:
                 self.dropped += 1
-        self._ledger.write(json.dumps({"event": event, "task_id": task_id, "step": step}) + "\n")
+        self._ledger.write(json.dumps({"event": event, "task_id": task_id, "step": step, **extra}) + "\n")
 
     def state(self) -> dict:
         self._ledger.flush()

@@ -48,11 +48,17 @@ def invalid_group(group: TrajectoryGroup, task: PromptTask | None, version: int,
         return "prompt_ids differ from the prompt that was fed"
     if not 0 <= group.policy_version <= version or group.policy_version_last < group.policy_version:
         return f"policy versions {group.policy_version}..{group.policy_version_last} outside 0..{version}"
+    # Whole-group reductions first (a 64-sample group is 2 numpy calls, not 128); the loop names the sample.
+    lengths = [len(s.response_ids) for s in group.samples]
+    if max(lengths) > task.sampling.max_tokens:
+        i = next(i for i, n in enumerate(lengths) if n > task.sampling.max_tokens)
+        return f"sample {i}: {lengths[i]} tokens, max_tokens is {task.sampling.max_tokens}"
+    ids = group.response_ids_all()
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        i = next(i for i, s in enumerate(group.samples)
+                 if len(s.response_ids) and (s.response_ids.min() < 0 or s.response_ids.max() >= vocab_size))
+        return f"sample {i}: token id outside the vocabulary [0, {vocab_size})"
     for i, s in enumerate(group.samples):
-        if len(s.response_ids) > task.sampling.max_tokens:
-            return f"sample {i}: {len(s.response_ids)} tokens, max_tokens is {task.sampling.max_tokens}"
-        if len(s.response_ids) and (s.response_ids.min() < 0 or s.response_ids.max() >= vocab_size):
-            return f"sample {i}: token id outside the vocabulary [0, {vocab_size})"
         if s.finish_reason not in ("stop", "length", "abort"):
             return f"sample {i}: unknown finish_reason {s.finish_reason[:40]!r}"
         if s.verdict == "error":  # generators grade such samples again; one that published it has a bug
@@ -135,7 +141,8 @@ class Intake:
         if version - group.policy_version > self.cfg.learner.max_staleness:
             self.metrics.dropped.inc()
             drop_log.append(group.task_id)
-            self.feeder.record("dropped_stale", group.task_id, step)
+            self.feeder.record("dropped_stale", group.task_id, step, version=version,
+                               policy_version=group.policy_version, policy_version_last=group.policy_version_last)
             return "ack"
         if self.cfg.learner.filter_groups == "zero_variance" and len({s.reward for s in group.samples}) == 1:
             # Every sample earned the same reward: no group-relative signal (DAPO's dynamic sampling). Its slot

@@ -47,7 +47,7 @@ from learner.telemetry import (
 from learner.tracking import Tracker, sample_rows
 from services.config import SINKS, Config
 from services.control import CheckpointPointer, ControlPlane, Keys
-from services.memory import HeapTrimmer
+from services.memory import HeapTrimmer, keep_freed_memory
 from services.metrics import MetricsServer
 from services.plan import warn_if_it_will_not_fit
 from services.protocol import TrajectoryGroup
@@ -64,6 +64,7 @@ class Learner:
         exists and starts fresh otherwise (a restarted Kubernetes pod). `backend`: the models and their
         training (learner/backend.py); the simulation passes a cost model."""
         self.cfg = cfg
+        keep_freed_memory()  # message-sized blocks reuse pages instead of faulting new ones in
         lc = cfg.learner
         self.dtype = lc.compute_dtype(torch.cuda.is_available())
         self.dp = parallel.init_from_env(mixed_precision=self.dtype == "bfloat16")

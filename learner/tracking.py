@@ -72,13 +72,18 @@ def _clip(text: str, chars: int) -> str:
 
 def sample_rows(step: int, groups: Sequence[TrajectoryGroup], decode: Callable[[Sequence[int]], str], k: int,
                 chars: int, source_of: Callable[[str], str]) -> list[dict]:
-    """The first sample of each of the step's first `k` groups, as rows of the samples table."""
+    """The first sample of `k` of the step's groups, as rows of the samples table: those that carry their texts
+    first (the feeder asks for texts in `k` of every batch's prompts), then others, their responses decoded from
+    the token ids (a staleness drop or a filter can take a texted group out of the batch)."""
+    texted = [g for g in groups if g.samples[0].text]
+    chosen = (texted + [g for g in groups if not g.samples[0].text])[:k]
     rows = []
-    for g in groups[:k]:
+    for g in chosen:
         s = g.samples[0]
+        response = s.text or decode(s.response_ids.tolist())
         rows.append({"step": step, "task_id": g.task_id, "source": source_of(g.task_id), "reward": float(s.reward),
                      "verdict": s.verdict, "finish_reason": s.finish_reason, "policy_version": g.policy_version,
-                     "prompt": _clip(decode(g.prompt_ids.tolist()), chars), "response": _clip(s.text, chars)})
+                     "prompt": _clip(decode(g.prompt_ids.tolist()), chars), "response": _clip(response, chars)})
     return rows
 
 

@@ -32,6 +32,29 @@ def _malloc_trim():
     return fn
 
 
+# glibc's mallopt parameters: keep message-sized blocks (a TrajectoryGroup is ~1 MB) on the heap and freed heap
+# memory mapped, so the next message reuses pages instead of faulting fresh ones in (bench/transport.py: the
+# queue path 0.54× → 0.70× of raw on a 2-core VM, where first-touching memory runs at ~0.6 GB/s). The periodic
+# `malloc_trim` above still gives the freed peak back.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 32 * 2**20  # glibc's largest; bigger blocks are still mmapped
+TRIM_THRESHOLD = 512 * 2**20
+
+
+def keep_freed_memory() -> bool:
+    """Tunes glibc's allocator for a process that moves messages (learner, generators); False where it is not
+    glibc. Call once, at start."""
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        mallopt = None
+    if mallopt is None:
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
 class HeapTrimmer:
     """`maybe()` in a process's main loop: trims at most once per `every_s` seconds."""
 

@@ -5,79 +5,43 @@ Every message is a frozen dataclass with `to_bytes()` / `from_bytes()`. The enve
 little-endian `int32` / `float32` byte strings, never as lists of Python numbers. Anything that does not
 decode to exactly the declared shape raises `ProtocolError`, which the queue turns into a dead-letter
 entry carrying the reason. Nothing here unpickles or evaluates received data.
+
+A `TrajectoryGroup`, the one large message, is *framed* (schema 3): the same msgpack map, with the header's
+length in `"h"` and every array of the group in one binary field `"b"` at its end, so a reader parses the
+few-KB header and takes read-only numpy views straight over the received bytes (no copy of the token ids or
+log-probs; docs/architecture.md, "Messages"). The frame is still one valid msgpack map, so a schema-2 reader
+fails with "unknown schema version 3", not garbage. Response texts travel only in the groups whose prompt
+asked for them (`PromptTask.with_texts`: the learner's sample of texts to log); the learner trains on ids.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
-import msgpack
+import msgpack  # noqa: F401 - tests and tools build raw envelopes through this module's namespace
 import numpy as np
 
-SCHEMA_VERSION = 2  # 2: a TrajectoryGroup's samples travel as columns (`_pack_samples`)
-MAX_MESSAGE_BYTES = 64 * 2**20
-
-
-class ProtocolError(ValueError):
-    """A received message is malformed, of the wrong type, or of an unknown schema version."""
-
-
-def pack_i32(values: Any) -> memoryview:
-    # A view, not `tobytes()`: msgpack copies a buffer straight into the message, so this saves a copy.
-    return memoryview(np.ascontiguousarray(values, dtype="<i4")).cast("B")
-
-
-def pack_f32(values: Any) -> memoryview:
-    return memoryview(np.ascontiguousarray(values, dtype="<f4")).cast("B")
-
-
-def _unpack(raw: Any, dtype: str, what: str) -> np.ndarray:
-    if not isinstance(raw, bytes) or len(raw) % 4:
-        raise ProtocolError(f"{what}: expected packed {dtype} bytes")
-    return np.frombuffer(raw, dtype=dtype).copy()
-
-
-def get_field(d: dict[str, Any], key: str, types: type | tuple[type, ...], what: str) -> Any:
-    if key not in d:
-        raise ProtocolError(f"{what}: missing field {key!r}")
-    value = d[key]
-    # bool is an int subclass; a bool where a number is expected is a malformed message.
-    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise ProtocolError(f"{what}.{key}: expected {types}, got bool")
-    if not isinstance(value, types):
-        raise ProtocolError(f"{what}.{key}: expected {types}, got {type(value).__name__}")
-    return value
-
-
-def encode(tag: str, payload: dict[str, Any]) -> bytes:
-    """The envelope of every message: `{"v": SCHEMA_VERSION, "t": tag, "d": payload}`, msgpack."""
-    return msgpack.packb({"v": SCHEMA_VERSION, "t": tag, "d": payload}, use_bin_type=True)
-
-
-def decode(raw: bytes, tag: str, max_bytes: int | None = None) -> dict[str, Any]:
-    max_bytes = MAX_MESSAGE_BYTES if max_bytes is None else max_bytes
-    if not isinstance(raw, (bytes, bytearray, memoryview)):
-        raise ProtocolError(f"expected bytes, got {type(raw).__name__}")
-    if len(raw) > max_bytes:
-        raise ProtocolError(f"message of {len(raw)} bytes exceeds {max_bytes}")
-    try:
-        env = msgpack.unpackb(bytes(raw), raw=False, strict_map_key=True, max_bin_len=max_bytes)
-    except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated exception types on garbage
-        raise ProtocolError(f"undecodable msgpack: {type(exc).__name__}: {exc}") from None
-    if not isinstance(env, dict):
-        raise ProtocolError("envelope is not a map")
-    version = env.get("v")
-    # `True == 1` and `1.0 == 1` in Python, so compare the type too: only the int 1 is schema version 1.
-    if type(version) is not int or version != SCHEMA_VERSION:
-        raise ProtocolError(f"unknown schema version {version!r} (this build speaks {SCHEMA_VERSION})")
-    if env.get("t") != tag:
-        raise ProtocolError(f"expected message type {tag!r}, got {env.get('t')!r}")
-    payload = env.get("d")
-    if not isinstance(payload, dict):
-        raise ProtocolError("payload is not a map")
-    return payload
+from services.envelope import (  # noqa: F401 - re-exported: the messages' one import
+    MAX_MESSAGE_BYTES,
+    SCHEMA_VERSION,
+    ProtocolError,
+    _unpack,
+    _view,
+    decode,
+    encode,
+    frame,
+    frame_arrays,
+    get_field,
+    is_framed,
+    pack_f32,
+    pack_i32,
+    unframe,
+)
+from services.protocol_small import EvalResult, WeightsAnnouncement  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)
@@ -120,6 +84,7 @@ class PromptTask:
     feed_version: int
     prompt_ids: tuple[int, ...] | None = None
     eval_round: int = -1  # ≥ 0: an eval prompt of the evaluation at that step, answered with an EvalResult
+    with_texts: bool = False  # the group answering it carries its response texts (the learner logs them)
 
     def to_bytes(self) -> bytes:
         return encode(self.TAG, {
@@ -127,7 +92,7 @@ class PromptTask:
             "task_type": self.task_type, "n_samples": self.n_samples, "sampling": self.sampling.to_dict(),
             "feed_version": self.feed_version,
             "prompt_ids": None if self.prompt_ids is None else pack_i32(self.prompt_ids),
-            "eval_round": self.eval_round,
+            "eval_round": self.eval_round, "with_texts": self.with_texts,
         })
 
     @classmethod
@@ -145,11 +110,11 @@ class PromptTask:
             feed_version=get_field(d, "feed_version", int, w),
             prompt_ids=None if ids is None else tuple(int(x) for x in _unpack(ids, "<i4", f"{w}.prompt_ids")),
             eval_round=get_field(d, "eval_round", int, w) if "eval_round" in d else -1,
+            with_texts=get_field(d, "with_texts", bool, w) if "with_texts" in d else False,
         )
 
 
-@dataclass(frozen=True)
-class Sample:
+class Sample(NamedTuple):  # a tuple: a 64-sample group decodes 64 of them, so construction must be cheap
     response_ids: np.ndarray  # int32 [T]
     logprobs: np.ndarray  # float32 [T], behaviour policy μ's log-prob of each sampled token
     reward: float
@@ -170,21 +135,110 @@ class TrajectoryGroup:
     generator_id: str
     policy_version_last: int = -1  # version at the last token (== policy_version while loads happen between calls)
     timings: dict[str, float] = field(default_factory=dict)
+    # Every sample's token ids back to back, as decoded (a view over the message): checks reduce it in one call.
+    ids_all: np.ndarray | None = field(default=None, repr=False, compare=False)
 
-    def to_bytes(self) -> bytes:
-        return encode(self.TAG, {
-            "task_id": self.task_id, "prompt_ids": pack_i32(self.prompt_ids),
-            "samples": _pack_samples(self.samples), "policy_version": self.policy_version,
+    def response_ids_all(self) -> np.ndarray:
+        if self.ids_all is not None:
+            return self.ids_all
+        parts = [np.asarray(s.response_ids, dtype=np.int32).ravel() for s in self.samples]
+        return np.concatenate(parts) if parts else np.empty(0, np.int32)
+
+    lps_all: np.ndarray | None = field(default=None, repr=False, compare=False)  # the log-probs, likewise
+
+    ARRAY_FIELDS: ClassVar[tuple[str, ...]] = ("p", "l", "i", "g")  # prompt ids, lengths, all ids, all log-probs
+
+    @classmethod
+    def build(cls, task_id: str, prompt_ids: Any, token_ids: Sequence[Any], logprobs: Sequence[Any],
+              rewards: Sequence[float], finish_reasons: Sequence[str], texts: Sequence[str],
+              verdicts: Sequence[str], policy_version: int, generator_id: str, policy_version_last: int = -1,
+              timings: dict[str, float] | None = None) -> TrajectoryGroup:
+        """A group from per-sample lists or arrays, its ids and log-probs laid out as one array each (one
+        conversion for the group, and what `to_fields` sends as they are), each sample a view into them."""
+        lengths = [len(t) for t in token_ids]
+        ids_all, lps_all = _column(token_ids, _I32, sum(lengths)), _column(logprobs, _F32, sum(lengths))
+        ends = np.cumsum(lengths).tolist()
+        samples = tuple(Sample(ids_all[a:b], lps_all[a:b], float(r), f, t, v) for a, b, r, f, t, v in
+                        zip([0, *ends[:-1]], ends, rewards, finish_reasons, texts, verdicts, strict=True))
+        return cls(task_id, _as(prompt_ids, _I32), samples, policy_version, generator_id, policy_version_last,
+                   dict(timings or {}), ids_all, lps_all)
+
+    def _payload(self) -> dict[str, Any]:
+        return {
+            "task_id": self.task_id, "policy_version": self.policy_version,
             "policy_version_last": self.policy_version_last if self.policy_version_last >= 0
             else self.policy_version,
             "generator_id": self.generator_id, "timings": {k: float(v) for k, v in self.timings.items()},
-        })
+            "samples": _sample_fields(self.samples),
+        }
+
+    def _arrays(self) -> list[np.ndarray]:
+        lengths = np.fromiter((len(s.response_ids) for s in self.samples), dtype=_I32, count=len(self.samples))
+        ids = self.ids_all if self.ids_all is not None else self.response_ids_all()
+        lps = self.lps_all if self.lps_all is not None else _column([s.logprobs for s in self.samples], _F32,
+                                                                     int(lengths.sum()))
+        return [_as(self.prompt_ids, _I32), lengths, _as(ids, _I32), _as(lps, _F32)]
+
+    def to_bytes(self) -> bytes:
+        """One framed message, the arrays in its blob (dead letters, the learner's ranks)."""
+        return frame(self.TAG, self._payload(), self._arrays())
+
+    def to_fields(self) -> dict[str, Any]:
+        """The stream entry's fields: `m`, the frame without its arrays, then each array as a field of its own,
+        so the group's token ids and log-probs go to Redis as they lie, with no copy into a message."""
+        arrays = self._arrays()
+        return {"m": frame(self.TAG, self._payload(), arrays, external=True),
+                **{name: memoryview(a).cast("B") for name, a in zip(self.ARRAY_FIELDS, arrays)}}
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> TrajectoryGroup:
-        d = decode(raw, cls.TAG)
+        """Decodes and validates a group; its arrays are read-only views over `raw`, which they keep alive."""
+        d, blob = unframe(raw, cls.TAG)
+        bounds = np.cumsum([0, *d["arrays"]]).tolist()
+        return cls._decode(d, [blob[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+
+    @classmethod
+    def from_fields(cls, fields: dict[Any, Any]) -> TrajectoryGroup:
+        """A group from a stream entry's fields (`to_fields`; one `m` holding the whole frame also decodes),
+        its arrays read-only views over the received field values."""
+        got = {k.decode() if isinstance(k, bytes) else k: v for k, v in fields.items()}
+        if set(got) == {"m"}:
+            return cls.from_bytes(got["m"])
+        if set(got) != {"m", *cls.ARRAY_FIELDS}:
+            raise ProtocolError(f"{cls.TAG}: stream fields {sorted(got)[:8]}, expected m and {cls.ARRAY_FIELDS}")
+        d, _ = unframe(got["m"], cls.TAG, external=True)
+        arrays = []
+        for name in cls.ARRAY_FIELDS:
+            value = got[name]
+            if not isinstance(value, bytes):
+                raise ProtocolError(f"{cls.TAG}.{name}: expected bytes")
+            arrays.append(np.frombuffer(value, np.uint8))
+        if [a.nbytes for a in arrays] != d["arrays"]:
+            raise ProtocolError(f"{cls.TAG}: array fields of {[a.nbytes for a in arrays]} bytes, the frame says "
+                                f"{d['arrays']}")
+        return cls._decode(d, arrays)
+
+    @classmethod
+    def _decode(cls, d: dict[str, Any], arrays: list[np.ndarray]) -> TrajectoryGroup:
         w = cls.TAG
-        samples = _unpack_samples(get_field(d, "samples", dict, w), f"{w}.samples")
+        if len(arrays) != 4:
+            raise ProtocolError(f"{w}: {len(arrays)} arrays, expected prompt ids, lengths, ids and log-probs")
+        prompt_ids = _view(arrays[0], "<i4", f"{w}.prompt_ids")
+        lengths = _view(arrays[1], "<i4", f"{w}.lengths")
+        ids_all, lps_all = _view(arrays[2], "<i4", f"{w}.response_ids"), _view(arrays[3], "<f4", f"{w}.logprobs")
+        n = lengths.size
+        if n == 0:
+            raise ProtocolError(f"{w}.samples: no samples")
+        if lengths.min() < 0:
+            raise ProtocolError(f"{w}.lengths: negative length")
+        total = int(lengths.sum(dtype=np.int64))
+        if ids_all.size != total or lps_all.size != total:
+            raise ProtocolError(f"{w}: lengths add up to {total} tokens, but {ids_all.size} response ids and "
+                                f"{lps_all.size} logprobs arrived")
+        # min is NaN if any is NaN and -inf if any is -inf: two reductions, no temporaries.
+        if lps_all.size and not (math.isfinite(lps_all.min()) and lps_all.max() <= 1e-4):
+            raise ProtocolError(f"{w}.samples: logprobs must be finite and <= 0")
+        rewards, finish, verdicts, texts = _sample_columns(get_field(d, "samples", dict, w), n, f"{w}.samples")
         timings = d.get("timings", {})
         if not isinstance(timings, dict) or not all(
             isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -193,141 +247,75 @@ class TrajectoryGroup:
             raise ProtocolError(f"{w}.timings: expected a map of str to number")
         version = get_field(d, "policy_version", int, w)
         version_last = get_field(d, "policy_version_last", int, w) if "policy_version_last" in d else version
+        ends = np.cumsum(lengths).tolist()
+        cuts = list(map(slice, [0, *ends[:-1]], ends))
+        # map over C-level callables: a 64-sample group is 128 slices and 64 tuples, no Python frame per sample
+        samples = tuple(map(Sample._make, zip(map(ids_all.__getitem__, cuts), map(lps_all.__getitem__, cuts),
+                                              rewards, finish, texts, verdicts)))
         return cls(
-            task_id=get_field(d, "task_id", str, w),
-            prompt_ids=_unpack(get_field(d, "prompt_ids", bytes, w), "<i4", f"{w}.prompt_ids"),
-            samples=samples,
+            task_id=get_field(d, "task_id", str, w), prompt_ids=prompt_ids, samples=samples,
             policy_version=version, generator_id=get_field(d, "generator_id", str, w),
-            policy_version_last=version_last, timings=dict(timings),
+            policy_version_last=version_last, timings=dict(timings), ids_all=ids_all, lps_all=lps_all,
         )
 
 
-def _pack_samples(samples: tuple[Sample, ...]) -> dict[str, Any]:
-    """A group's samples as columns: every sample's token ids in one packed array, its log-probs in another,
-    split by `lengths` (decoding is a few array operations per group, not a dozen Python calls per sample)."""
-    lengths = [len(s.response_ids) for s in samples]
-    ids = np.concatenate([np.asarray(s.response_ids, dtype="<i4").ravel() for s in samples]) if samples else ()
-    lps = np.concatenate([np.asarray(s.logprobs, dtype="<f4").ravel() for s in samples]) if samples else ()
-    return {"lengths": pack_i32(lengths), "response_ids": pack_i32(ids), "logprobs": pack_f32(lps),
-            "rewards": [float(s.reward) for s in samples], "finish_reasons": [s.finish_reason for s in samples],
-            "texts": [s.text for s in samples], "verdicts": [s.verdict for s in samples]}
+_I32, _F32 = np.dtype("<i4"), np.dtype("<f4")
+
+
+def _column(parts: Sequence[Any], dtype: np.dtype, total: int) -> np.ndarray:
+    """Per-sample lists or arrays as one array: one conversion (lists) or one copy (arrays) for the group."""
+    if all(type(p) is np.ndarray for p in parts):
+        return np.concatenate(parts).astype(dtype, copy=False) if parts else np.empty(0, dtype)
+    return np.fromiter(itertools.chain.from_iterable(parts), dtype=dtype, count=total)
+
+
+def _as(values: Any, dtype: np.dtype) -> np.ndarray:
+    """`values` as a contiguous array of `dtype`: itself when it already is one (the usual case, and free)."""
+    if type(values) is np.ndarray and values.dtype == dtype and values.flags.c_contiguous:
+        return values
+    return np.ascontiguousarray(values, dtype=dtype)
+
+
+def _sample_fields(samples: tuple[Sample, ...]) -> dict[str, Any]:
+    """What a group says of each sample besides its arrays; texts only where there are any."""
+    out: dict[str, Any] = {"rewards": [float(s.reward) for s in samples],
+                           "finish_reasons": [s.finish_reason for s in samples],
+                           "verdicts": [s.verdict for s in samples]}
+    if any(s.text for s in samples):
+        out["texts"] = [s.text for s in samples]
+    return out
 
 
 def _str_list(d: dict[str, Any], key: str, n: int, what: str) -> list[str]:
     values = get_field(d, key, list, what)
-    if len(values) != n or not all(type(v) is str for v in values):
+    if len(values) != n or (n and set(map(type, values)) != {str}):
         raise ProtocolError(f"{what}.{key}: expected {n} strings")
     return values
 
 
-def _unpack_samples(d: dict[str, Any], what: str) -> tuple[Sample, ...]:
-    lengths = _unpack(get_field(d, "lengths", bytes, what), "<i4", f"{what}.lengths")
-    n = lengths.size
-    if n == 0:
-        raise ProtocolError(f"{what}: no samples")
-    if lengths.min() < 0:
-        raise ProtocolError(f"{what}.lengths: negative length")
-    ids = _unpack(get_field(d, "response_ids", bytes, what), "<i4", f"{what}.response_ids")
-    lps = _unpack(get_field(d, "logprobs", bytes, what), "<f4", f"{what}.logprobs")
-    total = int(lengths.sum(dtype=np.int64))
-    if ids.size != total or lps.size != total:
-        raise ProtocolError(f"{what}: lengths add up to {total} tokens, but {ids.size} response ids and "
-                            f"{lps.size} logprobs arrived")
-    # min is NaN if any is NaN and -inf if any is -inf: two reductions, no temporaries.
-    if lps.size and not (math.isfinite(lps.min()) and lps.max() <= 1e-4):
-        raise ProtocolError(f"{what}: logprobs must be finite and <= 0")
+def _sample_columns(d: dict[str, Any], n: int, what: str) -> tuple[list[float], list[str], list[str], list[str]]:
     rewards = get_field(d, "rewards", list, what)
-    if len(rewards) != n or not all(type(r) in (int, float) and math.isfinite(r) for r in rewards):
+    # the types in one pass (bool is not a number here), then finiteness: a sum is finite only if every term is
+    if len(rewards) != n or not set(map(type, rewards)) <= {int, float} or not math.isfinite(sum(rewards)):
         raise ProtocolError(f"{what}.rewards: expected {n} finite numbers")
     finish = _str_list(d, "finish_reasons", n, what)
-    texts = _str_list(d, "texts", n, what)
     verdicts = _str_list(d, "verdicts", n, what) if "verdicts" in d else [""] * n
-    cuts = np.cumsum(lengths[:-1])
-    return tuple(Sample(i, lp, float(r), f, t, v) for i, lp, r, f, t, v in
-                 zip(np.split(ids, cuts), np.split(lps, cuts), rewards, finish, texts, verdicts))
-
-
-@dataclass(frozen=True)
-class WeightsAnnouncement:
-    """Stored at `{ns}:weights_meta` (services/control.py): where to join the weight-sync group
-    and the flat layout of what will be broadcast (parameter names, shapes, dtype, bucket size)."""
-
-    TAG: ClassVar[str] = "WeightsAnnouncement"
-    rendezvous: str  # tcp://host:port
-    world_size: int
-    backend: str
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    dtype: str
-    bucket_bytes: int
-    session: str
-    members: tuple[str, ...] = ()  # generator ids; members[i] joins as rank i + 1 (empty: ranks by arrival)
-
-    def to_bytes(self) -> bytes:
-        return encode(self.TAG, {
-            "rendezvous": self.rendezvous, "world_size": self.world_size, "backend": self.backend,
-            "names": list(self.names), "shapes": [list(s) for s in self.shapes], "dtype": self.dtype,
-            "bucket_bytes": self.bucket_bytes, "session": self.session, "members": list(self.members),
-        })
-
-    @classmethod
-    def from_bytes(cls, raw: bytes) -> WeightsAnnouncement:
-        d = decode(raw, cls.TAG)
-        w = cls.TAG
-        names = get_field(d, "names", list, w)
-        shapes = get_field(d, "shapes", list, w)
-        if len(names) != len(shapes) or not all(isinstance(n, str) for n in names):
-            raise ProtocolError(f"{w}: names and shapes disagree")
-        if not all(isinstance(s, list) and all(type(x) is int and x >= 0 for x in s) for s in shapes):
-            raise ProtocolError(f"{w}.shapes: expected lists of non-negative ints")
-        return cls(
-            rendezvous=get_field(d, "rendezvous", str, w), world_size=get_field(d, "world_size", int, w),
-            backend=get_field(d, "backend", str, w), names=tuple(names), shapes=tuple(tuple(s) for s in shapes),
-            dtype=get_field(d, "dtype", str, w), bucket_bytes=get_field(d, "bucket_bytes", int, w),
-            session=get_field(d, "session", str, w), members=_members(d.get("members", []), w),
-        )
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    """A generator's graded samples of one eval prompt (`PromptTask.eval_round` ≥ 0), on `{ns}:evals`: never
-    trained on, only counted into the accuracy of the evaluation at step `eval_round`."""
-
-    TAG: ClassVar[str] = "EvalResult"
-    task_id: str
-    eval_round: int
-    rewards: tuple[float, ...]
-    policy_version: int  # weights at the first sampled token
-    policy_version_last: int
-    generator_id: str
-    truncated: int = 0  # samples that hit max_tokens
-
-    def to_bytes(self) -> bytes:
-        return encode(self.TAG, {
-            "task_id": self.task_id, "eval_round": self.eval_round, "rewards": pack_f32(self.rewards),
-            "policy_version": self.policy_version, "policy_version_last": self.policy_version_last,
-            "generator_id": self.generator_id, "truncated": self.truncated,
-        })
-
-    @classmethod
-    def from_bytes(cls, raw: bytes) -> EvalResult:
-        d = decode(raw, cls.TAG)
-        w = cls.TAG
-        rewards = _unpack(get_field(d, "rewards", bytes, w), "<f4", f"{w}.rewards")
-        if not len(rewards) or not np.isfinite(rewards).all():
-            raise ProtocolError(f"{w}.rewards: expected finite rewards, at least one")
-        first, last = get_field(d, "policy_version", int, w), get_field(d, "policy_version_last", int, w)
-        if first < 0 or last < first:
-            raise ProtocolError(f"{w}: policy versions {first}..{last}")
-        return cls(task_id=get_field(d, "task_id", str, w), eval_round=get_field(d, "eval_round", int, w),
-                   rewards=tuple(float(r) for r in rewards), policy_version=first, policy_version_last=last,
-                   generator_id=get_field(d, "generator_id", str, w), truncated=get_field(d, "truncated", int, w))
-
-
-def _members(value: Any, what: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(m, str) for m in value) or len(set(value)) != len(value):
-        raise ProtocolError(f"{what}.members: expected a list of distinct strings")
-    return tuple(value)
+    texts = _str_list(d, "texts", n, what) if "texts" in d else [""] * n
+    return list(map(float, rewards)), finish, verdicts, texts
 
 
 M = TypeVar("M", PromptTask, TrajectoryGroup, WeightsAnnouncement, EvalResult)
+
+
+def stream_fields(msg: Any) -> dict[str, Any]:
+    """A message's Redis stream fields: `m` holding `to_bytes()`, or `m` and its arrays (`to_fields`)."""
+    to_fields = getattr(msg, "to_fields", None)
+    return to_fields() if to_fields is not None else {"m": msg.to_bytes()}
+
+
+def from_stream_fields(cls: type[M], fields: dict[Any, Any]) -> M:
+    """The message of a stream entry's fields (which hold `m`); raises ProtocolError."""
+    from_fields = getattr(cls, "from_fields", None)
+    if from_fields is not None:
+        return from_fields(fields)
+    return cls.from_bytes(fields.get(b"m", fields.get("m")))

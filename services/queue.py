@@ -20,11 +20,19 @@ import msgpack
 import redis
 
 from services.control import Keys
-from services.protocol import EvalResult, M, PromptTask, ProtocolError, TrajectoryGroup
+from services.protocol import (
+    EvalResult,
+    M,
+    PromptTask,
+    ProtocolError,
+    TrajectoryGroup,
+    from_stream_fields,
+    stream_fields,
+)
 
 log = logging.getLogger("orz.queue")
 
-FIELD = "m"  # the one field of a stream entry; it carries `msg.to_bytes()`
+FIELD = "m"  # a stream entry's message field: `msg.to_bytes()`, or a frame whose arrays follow it (protocol)
 GENERATOR_GROUP = "generators"  # consumer group on the prompt stream
 LEARNER_GROUP = "learner"  # consumer group on the trajectory and eval streams
 DEAD_MAXLEN = 10_000  # a flood of junk must not fill Redis's memory; the newest dead letters are kept
@@ -94,13 +102,9 @@ class StreamQueue(Generic[M]):
     def __repr__(self) -> str:
         return f"StreamQueue({self.stream!r}, group={self.group!r}, {self.message_cls.__name__})"
 
-
     def ensure_group(self, start_id: str = "0") -> bool:
         """Create the stream and its group if missing; True if created. Idempotent, so every process calls it.
-
-        The group starts at id "0", not "$": prompts the feeder wrote before the first generator came up
-        must still be delivered.
-        """
+        The group starts at id "0", not "$": prompts fed before the first generator came up must be delivered."""
         try:
             self.client.xgroup_create(self.stream, self.group, id=start_id, mkstream=True)
         except redis.ResponseError as exc:
@@ -108,7 +112,6 @@ class StreamQueue(Generic[M]):
                 return False
             raise
         return True
-
 
     def _check_type(self, msg: Any) -> None:
         if not isinstance(msg, self.message_cls):
@@ -118,24 +121,21 @@ class StreamQueue(Generic[M]):
         """XADD one message; returns its entry id."""
         self._check_type(msg)
         entry_id = self.client.xadd(
-            self.stream, {FIELD: msg.to_bytes()}, maxlen=self.maxlen, approximate=self.maxlen is not None
+            self.stream, stream_fields(msg), maxlen=self.maxlen, approximate=self.maxlen is not None
         )
         return _str(entry_id)
 
     def add_many(self, msgs: Iterable[M]) -> list[str]:
         """XADD several messages in one round trip (the feeder tops the queue up in batches)."""
-        msgs = list(msgs)
+        pipe = self.client.pipeline(transaction=False)
+        self.add_to(pipe, msgs)
+        return [_str(entry_id) for entry_id in pipe.execute()] if len(pipe) else []
+
+    def add_to(self, pipe: redis.client.Pipeline, msgs: Iterable[M]) -> None:
+        """Queue an XADD per message on `pipe`, which its caller executes (services/publish.py)."""
         for msg in msgs:
             self._check_type(msg)
-        if not msgs:
-            return []
-        pipe = self.client.pipeline(transaction=False)
-        for msg in msgs:
-            pipe.xadd(
-                self.stream, {FIELD: msg.to_bytes()}, maxlen=self.maxlen, approximate=self.maxlen is not None
-            )
-        return [_str(entry_id) for entry_id in pipe.execute()]
-
+            pipe.xadd(self.stream, stream_fields(msg), maxlen=self.maxlen, approximate=self.maxlen is not None)
 
     def _with_group(self, call: Callable[[], Any]) -> Any:
         """Run `call`; if the group vanished (Redis restarted without persistence, key deleted, even while
@@ -154,11 +154,8 @@ class StreamQueue(Generic[M]):
             return call()
 
     def read(self, consumer: str, count: int, block_ms: int | None = None) -> list[tuple[str, M]]:
-        """Up to `count` new entries for `consumer` (XREADGROUP `>`), oldest first, waiting at most `block_ms`.
-
-        `block_ms=None` does not wait. 0 (wait forever) is refused: every network call needs a timeout.
-        Entries returned are pending until `ack`ed.
-        """
+        """Up to `count` new entries for `consumer` (XREADGROUP `>`), oldest first, waiting at most `block_ms`
+        (None: no wait; 0, forever, is refused: every network call needs a timeout). Pending until `ack`ed."""
         if count < 1:
             raise ValueError(f"count must be >= 1, got {count}")
         if block_ms is not None:
@@ -175,13 +172,16 @@ class StreamQueue(Generic[M]):
         return self._decode_entries(self._entries_of(reply))
 
     def reclaim(self, consumer: str, min_idle_ms: int, count: int) -> list[tuple[str, M]]:
-        """Take over up to `count` entries that have been pending longer than `min_idle_ms` (XAUTOCLAIM).
-
-        This is how the work of a consumer that died between read and ack gets done: the entries move to
-        `consumer`, which handles them as if freshly read. Scans the whole pending list from "0-0".
-        """
+        """Take over up to `count` entries that have been pending longer than `min_idle_ms` (XAUTOCLAIM): how the
+        work of a consumer that died between read and ack gets done. The entries move to `consumer`, which
+        handles them as if freshly read. Scans the whole pending list from "0-0"."""
         if count < 1 or min_idle_ms < 0:
             raise ValueError(f"need count >= 1 and min_idle_ms >= 0, got {count} and {min_idle_ms}")
+        # XPENDING IDLE first, the whole cost when nothing is idle: XAUTOCLAIM scans COUNT × 10 entries a call, so
+        # a pending list of thousands took dozens of calls per look per generator (bench/simulate.py: 9,757/step).
+        if not self._with_group(partial(self.client.xpending_range, self.stream, self.group, "-", "+", 1,
+                                        idle=min_idle_ms)):
+            return []
         out: list[tuple[str, M]] = []
         cursor = "0-0"
         while len(out) < count:
@@ -236,6 +236,9 @@ class StreamQueue(Generic[M]):
             return 0
         return int(self.client.xack(self.stream, self.group, *entry_ids))
 
+    def ack_to(self, pipe: redis.client.Pipeline, entry_ids: Sequence[str | bytes]) -> None:
+        if entry_ids:  # queued on `pipe`, as `add_to`
+            pipe.xack(self.stream, self.group, *entry_ids)
 
     @staticmethod
     def _entries_of(reply: Any) -> list[tuple[Any, Any]]:
@@ -268,9 +271,11 @@ class StreamQueue(Generic[M]):
                 self._dead_letter(entry_id, raw, f"missing field {FIELD!r}")
                 continue
             try:
-                good.append((entry_id, self.message_cls.from_bytes(payload)))
+                good.append((entry_id, from_stream_fields(self.message_cls, fields)))
             except ProtocolError as exc:
-                self._dead_letter(entry_id, payload, f"{self.message_cls.__name__}: {exc}")
+                raw = payload if len(fields) == 1 else msgpack.packb({_str(k): v for k, v in fields.items()},
+                                                                     use_bin_type=True)
+                self._dead_letter(entry_id, raw, f"{self.message_cls.__name__}: {exc}")
         return good
 
     def reject(self, entry_id: str, reason: str, raw: bytes = b"") -> None:
@@ -311,7 +316,7 @@ class StreamQueue(Generic[M]):
         out: set[str] = set()
         for _, fields in self.client.xrange(self.stream):
             try:
-                out.add(self.message_cls.from_bytes(fields[FIELD.encode()]).task_id)
+                out.add(from_stream_fields(self.message_cls, fields).task_id)
             except (KeyError, ProtocolError):
                 pass
         return out
@@ -357,11 +362,9 @@ class StreamQueue(Generic[M]):
         return len(self.client.xrange(self.stream, min=f"({last}", max="+", count=100_000))
 
     def trim_acked(self) -> int:
-        """XTRIM MINID the entries every group has delivered and acked; returns how many were removed.
-
-        Acked entries otherwise stay in the stream (and in Redis's memory) forever. Nothing pending or
-        undelivered is touched, which plain MAXLEN trimming cannot promise.
-        """
+        """XTRIM MINID the entries every group has delivered and acked; returns how many were removed. Acked
+        entries otherwise stay in Redis's memory forever; nothing pending or undelivered is touched, which
+        plain MAXLEN trimming cannot promise."""
         try:
             groups = self.client.xinfo_groups(self.stream)
         except redis.ResponseError as exc:

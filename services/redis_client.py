@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import redis
 from redis.backoff import EqualJitterBackoff, NoBackoff
+from redis.connection import Encoder, PythonRespSerializer
 from redis.retry import Retry
 
 if TYPE_CHECKING:
@@ -76,6 +77,14 @@ class _DeadlineRetry(Retry):
         return failures
 
 
+# Commands are packed by redis-py's pure-Python serializer, which hands a large argument (a group's arrays) to
+# `sendall` as it lies; with hiredis installed redis-py would otherwise copy every argument twice (bytes(),
+# then hiredis.pack_command) before sending. Replies are still parsed by hiredis. Reads take 1 MB at a time,
+# not 64 KB: a ~1 MB group is one recv, not sixteen (bench/transport.py).
+ZERO_COPY_PACKER = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
+SOCKET_READ_SIZE = 2**20
+
+
 def connect(url: str, socket_timeout_s: float = 10.0, *, username: str | None = None,
             password: str | None = None, tls: bool = False, tls_ca_file: str | None = None,
             tls_cert_file: str | None = None, tls_key_file: str | None = None,
@@ -93,7 +102,8 @@ def connect(url: str, socket_timeout_s: float = 10.0, *, username: str | None = 
     if socket_timeout_s <= 0:
         raise ValueError(f"socket_timeout_s must be > 0, got {socket_timeout_s}")
     kwargs: dict = {"socket_timeout": socket_timeout_s, "socket_connect_timeout": socket_timeout_s,
-                    "decode_responses": False}
+                    "decode_responses": False, "command_packer": ZERO_COPY_PACKER,
+                    "socket_read_size": SOCKET_READ_SIZE}
     if username is not None:
         kwargs["username"] = username
     if password is not None:

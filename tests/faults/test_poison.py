@@ -14,7 +14,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from services.protocol import SCHEMA_VERSION, PromptTask, Sample, SamplingParams, TrajectoryGroup
+from services.protocol import SCHEMA_VERSION, PromptTask, Sample, SamplingParams, TrajectoryGroup, frame, frame_arrays
 from services.queue import FIELD, GENERATOR_GROUP
 from tests.support.harness import Stack, check_accounting, write_report
 
@@ -30,10 +30,13 @@ def _id(entry_id: bytes) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
-def _tamper(msg: TrajectoryGroup, **samples_fields) -> bytes:
-    env = msgpack.unpackb(msg.to_bytes(), raw=False)
-    env["d"]["samples"].update(samples_fields)
-    return msgpack.packb(env, use_bin_type=True)
+def _tamper(msg: TrajectoryGroup, **arrays: bytes) -> bytes:
+    """The group's one-message frame with some of its arrays (`lengths`, `response_ids`, `logprobs`) replaced."""
+    payload, parts = frame_arrays(msg.to_bytes(), msg.TAG)
+    for name, value in arrays.items():
+        parts[{"lengths": 1, "response_ids": 2, "logprobs": 3}[name]] = value
+    payload.pop("arrays")
+    return frame(msg.TAG, payload, parts)
 
 
 @pytest.mark.slow

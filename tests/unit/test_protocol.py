@@ -13,6 +13,7 @@ import msgpack
 import numpy as np
 import pytest
 
+from services import envelope as wire
 from services import protocol
 from services.control import CheckpointPointer, Heartbeat, RankCommand
 from services.protocol import (
@@ -62,13 +63,26 @@ def make_announcement() -> WeightsAnnouncement:
 MAKERS = {"PromptTask": make_task, "TrajectoryGroup": make_group, "WeightsAnnouncement": make_announcement}
 
 
-def envelope(payload: Any, tag: str = "PromptTask", version: Any = SCHEMA_VERSION) -> bytes:
+def envelope(payload: Any, tag: str = "PromptTask", version: Any = SCHEMA_VERSION,
+             arrays: list[bytes] | None = None) -> bytes:
+    """A message of `tag` around `payload`; a TrajectoryGroup is framed, with `arrays` (default: make_group's)."""
+    if tag == "TrajectoryGroup":
+        d = dict(payload)
+        d.pop("arrays", None)
+        return protocol.frame(tag, d, arrays if arrays is not None else group_arrays(make_group()))
     return msgpack.packb({"v": version, "t": tag, "d": payload}, use_bin_type=True)
 
 
 def payload_of(msg: PromptTask | TrajectoryGroup | WeightsAnnouncement) -> dict[str, Any]:
+    if isinstance(msg, TrajectoryGroup):
+        return protocol.frame_arrays(msg.to_bytes(), msg.TAG)[0]
     env = msgpack.unpackb(msg.to_bytes(), raw=False)
     return env["d"]
+
+
+def group_arrays(group: TrajectoryGroup) -> list[bytes]:
+    """The frame's arrays: prompt ids, lengths, then each sample's ids, then each sample's log-probs."""
+    return protocol.frame_arrays(group.to_bytes(), group.TAG)[1]
 
 
 # --- round trips -------------------------------------------------------------------------------------------
@@ -112,24 +126,159 @@ def test_trajectory_group_round_trip() -> None:
 
 def test_trajectory_arrays_are_packed_bytes_on_the_wire() -> None:
     group = make_group()
-    d = payload_of(group)
-    assert isinstance(d["prompt_ids"], bytes)
-    cols = d["samples"]
-    assert isinstance(cols["response_ids"], bytes), "token ids must not travel as a list of numbers"
-    assert isinstance(cols["logprobs"], bytes), "logprobs must not travel as a list of numbers"
-    assert cols["lengths"] == np.array([5, 1, 0, 12], "<i4").tobytes()
-    assert cols["response_ids"] == np.concatenate([s.response_ids for s in group.samples]).astype("<i4").tobytes()
-    assert cols["logprobs"] == np.concatenate([s.logprobs for s in group.samples]).astype("<f4").tobytes()
+    d, arrays = protocol.frame_arrays(group.to_bytes(), group.TAG)
+    assert arrays[0] == np.array([5, 6, 7], "<i4").tobytes()
+    assert arrays[1] == np.array([5, 1, 0, 12], "<i4").tobytes()
+    assert arrays[2] == np.concatenate([s.response_ids for s in group.samples]).astype("<i4").tobytes()
+    assert arrays[3] == np.concatenate([s.logprobs for s in group.samples]).astype("<f4").tobytes()
     # 18 tokens cost 72 + 72 bytes, not 18 msgpack ints and 18 msgpack doubles (up to 5 + 9 bytes each)
-    assert len(cols["response_ids"]) == len(cols["logprobs"]) == 72
-    assert cols["rewards"] == [1.0, 0.0, 0.0, 1.0]
+    assert len(arrays[2]) == len(arrays[3]) == 72 and d["arrays"] == [len(a) for a in arrays]
+    assert d["samples"]["rewards"] == [1.0, 0.0, 0.0, 1.0]
 
 
-def test_decoded_samples_are_writable_and_independent() -> None:
-    back = TrajectoryGroup.from_bytes(make_group().to_bytes())
-    first, last = back.samples[0].response_ids, back.samples[3].response_ids
-    first[:] = -1  # a consumer may write into its arrays (torch.as_tensor needs them writable)
-    assert (last != -1).all() and last.size == 12
+def received(fields: dict) -> dict[bytes, bytes]:
+    return {k.encode(): bytes(v) for k, v in fields.items()}
+
+
+def test_stream_fields_carry_the_arrays_as_they_lie() -> None:
+    group = make_group()
+    fields = group.to_fields()
+    assert list(fields) == ["m", "p", "l", "i", "g"]
+    d, arrays = protocol.frame_arrays(group.to_bytes(), group.TAG)
+    assert [bytes(fields[k]) for k in "plig"] == arrays  # the same bytes as the one-message form
+    assert len(fields["m"]) < 1000  # the frame alone: header, no arrays
+    back = TrajectoryGroup.from_fields(received(fields))
+    for got, want in zip(back.samples, group.samples, strict=True):
+        np.testing.assert_array_equal(got.response_ids, want.response_ids)
+        np.testing.assert_array_equal(got.logprobs, want.logprobs)
+        assert (got.reward, got.finish_reason, got.text, got.verdict) == (want.reward, want.finish_reason,
+                                                                          want.text, want.verdict)
+    # a whole one-message frame under `m` alone also decodes (tools, tests, dead letters put back)
+    assert TrajectoryGroup.from_fields({b"m": group.to_bytes()}).task_id == group.task_id
+
+
+def test_built_groups_are_views_of_one_column_each() -> None:
+    group = TrajectoryGroup.build("t", [1, 2], [[3, 4], [5], []], [[-0.5, -1.0], [-2.0], []], [1, 0, 1],
+                                  ["stop", "length", "stop"], ["", "", ""], ["correct", "wrong", "correct"], 2, "g")
+    assert group.ids_all.tolist() == [3, 4, 5] and group.lps_all.tolist() == [-0.5, -1.0, -2.0]
+    assert [s.response_ids.tolist() for s in group.samples] == [[3, 4], [5], []]
+    assert all(np.shares_memory(s.response_ids, group.ids_all) for s in group.samples[:2])
+    assert group.samples[1].reward == 0.0 and isinstance(group.samples[0].reward, float)
+    back = TrajectoryGroup.from_fields(received(group.to_fields()))
+    assert [s.logprobs.tolist() for s in back.samples] == [[-0.5, -1.0], [-2.0], []]
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    (lambda f: f.pop(b"g"), "stream fields"),
+    (lambda f: f.update({b"x": b""}), "stream fields"),
+    (lambda f: f.update({b"i": f[b"i"][:-4]}), "array fields of"),
+    (lambda f: f.update({b"m": make_group().to_bytes()}), "do not match"),  # a frame with a blob, and fields
+])
+def test_malformed_stream_fields_are_rejected(change, reason: str) -> None:
+    fields = received(make_group().to_fields())
+    change(fields)
+    with pytest.raises(ProtocolError, match=reason):
+        TrajectoryGroup.from_fields(fields)
+
+
+def test_a_frame_is_one_msgpack_map_so_a_schema_2_reader_names_the_version(monkeypatch) -> None:
+    raw = make_group().to_bytes()
+    env = msgpack.unpackb(raw, raw=False)
+    assert list(env) == ["v", "h", "t", "d", "_", "b"] and env["v"] == 3 and env["t"] == "TrajectoryGroup"
+    # A schema-2 build decodes every message with this module's `decode` (unchanged since) at version 2:
+    # it reads the frame as the map it is and refuses it by its version, not as garbage.
+    with monkeypatch.context() as m:
+        m.setattr(wire, "SCHEMA_VERSION", 2)
+        with pytest.raises(ProtocolError, match=r"unknown schema version 3 \(this build speaks 2\)"):
+            protocol.decode(raw, "TrajectoryGroup")
+    # and a schema-2 message reaching this build is refused by its version
+    old = msgpack.packb({"v": 2, "t": "TrajectoryGroup", "d": {"task_id": "t"}}, use_bin_type=True)
+    with pytest.raises(ProtocolError, match="unknown schema version 2"):
+        TrajectoryGroup.from_bytes(old)
+
+
+def test_decoded_arrays_are_read_only_views_over_the_message() -> None:
+    raw = make_group().to_bytes()
+    back = TrajectoryGroup.from_bytes(raw)
+    whole = np.frombuffer(raw, np.uint8)
+    for s in back.samples:
+        assert np.shares_memory(s.response_ids, whole) or s.response_ids.size == 0
+        assert np.shares_memory(s.logprobs, whole) or s.logprobs.size == 0
+        assert not s.response_ids.flags.writeable and not s.logprobs.flags.writeable
+        assert s.response_ids.ctypes.data % 4 == 0 and s.logprobs.ctypes.data % 4 == 0  # the frame aligns its blob
+    with pytest.raises(ValueError, match="read-only"):
+        back.samples[0].response_ids[:] = -1
+    kept = back.samples[0].response_ids.copy()  # what a consumer keeps it copies, and may write
+    kept[:] = -1
+    assert (back.samples[3].response_ids != -1).all()
+    np.testing.assert_array_equal(back.response_ids_all(), np.concatenate([s.response_ids for s in back.samples]))
+
+
+def test_texts_travel_only_when_the_group_has_them() -> None:
+    group = make_group()
+    bare = TrajectoryGroup(group.task_id, group.prompt_ids,
+                           tuple(Sample(s.response_ids, s.logprobs, s.reward, s.finish_reason, "", s.verdict)
+                                 for s in group.samples), 3, "gen-a")
+    assert "texts" in payload_of(group)["samples"] and "texts" not in payload_of(bare)["samples"]
+    assert len(bare.to_bytes()) < len(group.to_bytes())
+    assert all(s.text == "" for s in TrajectoryGroup.from_bytes(bare.to_bytes()).samples)
+
+
+@pytest.mark.parametrize("with_texts", [True, False])
+def test_prompt_task_asks_for_texts(with_texts: bool) -> None:
+    task = PromptTask("t", "q", "1", "math", 2, SamplingParams(), 0, (1,), with_texts=with_texts)
+    assert PromptTask.from_bytes(task.to_bytes()).with_texts is with_texts
+
+
+@pytest.mark.parametrize(
+    ("index", "value", "reason"),
+    [
+        (1, np.array([5, 1, 0, 11], "<i4").tobytes(), "lengths add up to 17 tokens"),  # 17 ≠ 18
+        (1, np.array([6, 1, -1, 12], "<i4").tobytes(), "negative length"),
+        (1, b"\x01\x00\x00", "lengths"),  # not a whole number of int32
+        (0, b"\x01\x00\x00", "prompt_ids"),
+        (2, b"\x00" * 68, "lengths add up to 18 tokens, but 17 response ids"),  # one token short
+        (3, np.full(18, np.nan, "<f4").tobytes(), "logprobs must be finite"),
+        (3, np.full(18, 0.5, "<f4").tobytes(), "logprobs must be finite and <= 0"),
+        (2, b"\x00" * 70, "response_ids: expected packed"),  # not a whole number of int32
+    ],
+)
+def test_tampered_frame_arrays_are_rejected(index: int, value: bytes, reason: str) -> None:
+    d, arrays = protocol.frame_arrays(make_group().to_bytes(), "TrajectoryGroup")
+    arrays[index] = value
+    with pytest.raises(ProtocolError, match=reason):
+        TrajectoryGroup.from_bytes(envelope(d, tag="TrajectoryGroup", arrays=arrays))
+
+
+def test_malformed_frames_are_rejected() -> None:
+    raw = make_group().to_bytes()
+    h = int.from_bytes(raw[7:11], "big")
+    cases = {
+        "header length": raw[:7] + (len(raw) + 5).to_bytes(4, "big") + raw[11:],
+        "padding": raw[:h] + b"\xa1X" + raw[h + 2:],
+        "blob of": raw[:-1],
+        "array sizes": longer_blob(raw, b"\x00" * 4),
+        "not framed": msgpack.packb({"v": SCHEMA_VERSION, "t": "TrajectoryGroup", "d": {}}, use_bin_type=True),
+    }
+    for reason, bad in cases.items():
+        with pytest.raises(ProtocolError, match=reason):
+            TrajectoryGroup.from_bytes(bad)
+
+
+def longer_blob(raw: bytes, extra: bytes) -> bytes:
+    """The frame with `extra` bytes appended to its blob, the blob's length field updated to match."""
+    h = int.from_bytes(raw[7:11], "big")
+    at = h + 4 + raw[h + 3] + 3  # the bin32 length of "b"
+    n = int.from_bytes(raw[at:at + 4], "big")
+    return raw[:at] + (n + len(extra)).to_bytes(4, "big") + raw[at + 4:] + extra
+
+
+def test_decoded_arrays_keep_their_message_alive() -> None:
+    back = TrajectoryGroup.from_bytes(make_group().to_bytes())  # the bytes object is referenced only by views
+    import gc
+
+    gc.collect()
+    np.testing.assert_array_equal(back.samples[3].response_ids, make_group().samples[3].response_ids)
 
 
 def test_trajectory_defaults_policy_version_last_to_policy_version() -> None:
@@ -216,7 +365,7 @@ def test_trailing_bytes_are_rejected() -> None:
         PromptTask.from_bytes(make_task().to_bytes() + b"\x00")
 
 
-@pytest.mark.parametrize("version", [1, 3, 0, None, "2", 2.0, True])
+@pytest.mark.parametrize("version", [1, 2, 4, 0, None, "3", 3.0, True])
 def test_other_schema_versions_are_rejected(version: Any) -> None:
     raw = envelope(payload_of(make_task()), version=version)
     with pytest.raises(ProtocolError, match="schema version"):
@@ -252,7 +401,7 @@ def test_prompt_task_missing_field_is_rejected(field: str) -> None:
         PromptTask.from_bytes(envelope(d))
 
 
-@pytest.mark.parametrize("field", ["task_id", "prompt_ids", "samples", "policy_version", "generator_id"])
+@pytest.mark.parametrize("field", ["task_id", "samples", "policy_version", "generator_id"])
 def test_trajectory_missing_field_is_rejected(field: str) -> None:
     d = payload_of(make_group())
     del d[field]
@@ -260,7 +409,7 @@ def test_trajectory_missing_field_is_rejected(field: str) -> None:
         TrajectoryGroup.from_bytes(envelope(d, tag="TrajectoryGroup"))
 
 
-@pytest.mark.parametrize("field", ["lengths", "response_ids", "logprobs", "rewards", "finish_reasons", "texts"])
+@pytest.mark.parametrize("field", ["rewards", "finish_reasons"])
 def test_sample_missing_field_is_rejected(field: str) -> None:
     d = payload_of(make_group())
     del d["samples"][field]
@@ -283,12 +432,8 @@ def test_sample_missing_field_is_rejected(field: str) -> None:
         ("TrajectoryGroup", ("policy_version",), "3"),
         ("TrajectoryGroup", ("policy_version_last",), "4"),
         ("TrajectoryGroup", ("samples",), {"0": 1}),
-        ("TrajectoryGroup", ("samples",), [{"response_ids": b"", "logprobs": b""}]),  # schema 1's list of maps
         ("TrajectoryGroup", ("samples", "rewards", 0), "1.0"),
         ("TrajectoryGroup", ("samples", "rewards"), [1.0, 0.0, 0.0]),  # one short
-        ("TrajectoryGroup", ("samples", "response_ids"), [1, 2, 3, 4, 5]),
-        ("TrajectoryGroup", ("samples", "lengths"), np.array([5, 1, 0, 11], "<i4").tobytes()),  # 17 ≠ 18 tokens
-        ("TrajectoryGroup", ("samples", "lengths"), np.array([6, 1, -1, 12], "<i4").tobytes()),  # negative
         ("TrajectoryGroup", ("samples", "texts", 0), b"bytes, not str"),
         ("TrajectoryGroup", ("samples", "finish_reasons"), "stop"),
         ("TrajectoryGroup", ("samples", "verdicts", 1), 3),
@@ -387,8 +532,8 @@ def test_oversize_message_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
         PromptTask.from_bytes(b"\x80" * (protocol.MAX_MESSAGE_BYTES + 1))
     task = PromptTask("t", "x" * 1000, "5", "math", 1, SamplingParams(), 0)
     raw = task.to_bytes()
-    monkeypatch.setattr(protocol, "MAX_MESSAGE_BYTES", len(raw))
+    monkeypatch.setattr(wire, "MAX_MESSAGE_BYTES", len(raw))
     assert PromptTask.from_bytes(raw) == task  # exactly at the limit is fine
-    monkeypatch.setattr(protocol, "MAX_MESSAGE_BYTES", len(raw) - 1)
+    monkeypatch.setattr(wire, "MAX_MESSAGE_BYTES", len(raw) - 1)
     with pytest.raises(ProtocolError, match="exceeds"):
         PromptTask.from_bytes(raw)
