@@ -122,6 +122,14 @@ class VllmEngine:
     def has_unfinished(self) -> bool:
         return self.llm.llm_engine.has_unfinished_requests()
 
+    def queued(self) -> int | None:
+        """Child requests (one per sample) in vLLM's scheduler waiting queue; reachable with the engine core
+        in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set above), None otherwise."""
+        try:
+            return len(self.llm.llm_engine.engine_core.engine_core.scheduler.waiting)
+        except AttributeError:
+            return None
+
     def abort(self, request_ids: list[str]) -> None:
         """Drops requests in flight (their partial samples are discarded; AReaL's abort-and-resubmit)."""
         if request_ids:

@@ -38,6 +38,11 @@ class Engine(Protocol):
     def abort(self, request_ids: list[str]) -> None:
         """Drops requests in flight (a weight update in `abort` mode)."""
 
+    def queued(self) -> int | None:
+        """Samples submitted and not yet started (waiting for a batch slot), or None if the engine cannot say.
+        The generator submits a prompt only while fewer than its samples wait, so a prompt is stamped with the
+        weights version it actually starts under, not one from before a long wait in the engine's queue."""
+
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
         """Loads HF-named tensors in place, between steps; returns the seconds it took."""
 

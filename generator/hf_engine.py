@@ -114,6 +114,9 @@ class TransformersEngine:
         if len(keep) < len(self.rows):
             self._select(keep)
 
+    def queued(self) -> int:
+        return sum(r.n for r in self.queue)
+
     def step(self) -> list[tuple[str, list[Completion]]]:
         """Decodes one token for every running sample (starting a batch first if none runs)."""
         if not self.rows:

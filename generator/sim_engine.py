@@ -85,6 +85,9 @@ class SimEngine:
         """Start-up warm-up only: returns at once."""
         return [[Completion([1], [-0.1], "stop", "x") for _ in range(n)] for n in ns]
 
+    def queued(self) -> int:
+        return len(self.waiting)
+
     def step(self) -> list[tuple[str, list[Completion]]]:
         prefill_tokens = self._admit()
         if not self.running:
