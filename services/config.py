@@ -256,7 +256,10 @@ class WeightSyncConfig(_Section):
     socket_ifname: str = Field(
         "", description="network interface for weight sync (sets GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME unless "
         "already set); empty: gloo uses the interface on the route to the learner, NCCL its own choice")
-    bucket_mb: int = Field(256, description="flat broadcast bucket size", ge=1)
+    bucket_mb: int = Field(512, description="flat broadcast bucket size (bench/weight_sync.py: 512 beat 64–256)", ge=1)
+    gloo_threads: int = Field(
+        2, ge=1, le=8, description="gloo transport threads (devices) per member, each a full mesh; consecutive "
+        "buckets go out on different ones, so two are on the wire at once (bench/weight_sync.py). NCCL ignores it")
     timeout_s: float = Field(
         60.0, gt=0,
         description="forming a group and each collective; a member that neither joins nor answers is dropped")

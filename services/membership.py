@@ -168,7 +168,7 @@ class WeightGroup:
         ann = WeightsAnnouncement(
             rendezvous=f"tcp://{ws.host}:{port}", world_size=1 + len(live), backend=resolve_backend(ws.backend),
             names=self.names, shapes=self.shapes, dtype="float32", bucket_bytes=ws.bucket_mb * 2**20,
-            session=uuid.uuid4().hex, members=live,
+            session=uuid.uuid4().hex, members=live, transport_threads=ws.gloo_threads,
         )
         sender = WeightSender(ann, ws.timeout_s)
         self.control.announce(ann)

@@ -13,7 +13,9 @@ The layout (names, shapes, dtype, bucket size) travels once, in the `WeightsAnno
 
 Buffers are allocated once and reused: a fresh multi-hundred-MB host buffer per bucket costs its page faults
 on every sync, which measured 4× slower than the transfer itself (bench/weight_sync.py). The sender
-stages buckets through two buffers, packing the next while the previous one is on the wire; the receiver
+stages buckets through two buffers, packing the next while the previous one is on the wire (a bucket of one
+contiguous tensor, such as an embedding, goes out as it lies); with gloo, `transport_threads` devices carry
+consecutive buckets on different threads and connections, so two are on the wire at once. The receiver
 keeps one flat buffer per bucket and hands out views into them, valid until its next `receive()`.
 """
 
@@ -78,8 +80,9 @@ def bucket_layout(shapes: Iterable[tuple[int, ...]], elem_bytes: int, bucket_byt
 
 
 def make_group(backend: str, rendezvous: str, rank: int, world_size: int, timeout_s: float,
-               session: str) -> dist.ProcessGroup:
-    """Join (rank > 0) or host (rank 0) the weight-sync group at `tcp://host:port`."""
+               session: str, threads: int = 1) -> dist.ProcessGroup:
+    """Join (rank > 0) or host (rank 0) the weight-sync group at `tcp://host:port`. gloo: `threads` devices,
+    each with its own transport thread and connections; torch spreads consecutive collectives over them."""
     if not rendezvous.startswith("tcp://"):
         raise ValueError(f"rendezvous must be tcp://host:port, got {rendezvous!r}")
     host, port = rendezvous[len("tcp://"):].rsplit(":", 1)
@@ -90,7 +93,7 @@ def make_group(backend: str, rendezvous: str, rank: int, world_size: int, timeou
     if backend == "gloo":
         opts = dist.ProcessGroupGloo._Options()
         opts._timeout = timeout
-        opts._devices = [gloo_device(host, int(port))]
+        opts._devices = [gloo_device(host, int(port)) for _ in range(threads)]
         return dist.ProcessGroupGloo(store, rank, world_size, opts)
     if backend == "nccl":  # pragma: no cover - needs GPUs
         opts = dist.ProcessGroupNCCL.Options()
@@ -124,6 +127,7 @@ def gloo_device(host: str, port: int) -> dist.ProcessGroupGloo.Device:
 # connection and ends the wait at once; past this the receiver gives up the group and awaits the next one.
 NEXT_VERSION_WAIT_S = 6 * 3600.0
 SUPERSEDED_POLL_S = 1.0  # how often a waiting receiver checks for a newer group (one small Redis GET)
+HEADER_POLL_S = 0.02  # how often it looks whether the header arrived (16 generator threads a process in the sim)
 
 
 def _broadcast(group: dist.ProcessGroup, tensor: torch.Tensor, wait: bool = True, timeout_s: float | None = None):
@@ -156,15 +160,14 @@ class WeightSender:
         """Blocks until every generator rank has joined; returns the seconds it waited."""
         t0 = time.time()
         self.group = make_group(self.ann.backend, self.ann.rendezvous, 0, self.ann.world_size,
-                                self.timeout_s, self.ann.session)
+                                self.timeout_s, self.ann.session, self.ann.transport_threads)
         return time.time() - t0
 
     def send(self, version: int, params: dict[str, torch.Tensor]) -> float:
         assert self.group is not None, "connect() first"
         t0 = time.time()
         if not self._staging:
-            largest = max(sum(sizes) for sizes in self._sizes)
-            self._staging = [torch.empty(largest, dtype=self.dtype, device=self.device) for _ in range(2)]
+            self._staging = [torch.empty(0, dtype=self.dtype, device=self.device) for _ in range(2)]
         header = torch.tensor([version, len(self.buckets)], dtype=torch.int64, device=self.device)
         _broadcast(self.group, header)
         works: list = [None, None]
@@ -173,9 +176,16 @@ class WeightSender:
                 slot = b % 2
                 if works[slot] is not None:
                     works[slot].wait()  # that buffer's previous bucket has left
-                flat = self._staging[slot][: sum(sizes)]
-                for i, chunk in zip(idx, torch.split(flat, sizes)):
-                    chunk.copy_(params[self.ann.names[i]].detach().reshape(-1))
+                whole = params[self.ann.names[idx[0]]].detach() if len(idx) == 1 else None
+                if whole is not None and whole.is_contiguous() and whole.dtype == self.dtype and \
+                        whole.device.type == self.device.type:
+                    flat = whole.view(-1)  # a bucket of one tensor goes out as it lies: no copy (an embedding)
+                else:
+                    if self._staging[slot].numel() < sum(sizes):  # sized by the largest bucket that needs one
+                        self._staging[slot] = torch.empty(sum(sizes), dtype=self.dtype, device=self.device)
+                    flat = self._staging[slot][: sum(sizes)]
+                    for i, chunk in zip(idx, torch.split(flat, sizes)):
+                        chunk.copy_(params[self.ann.names[i]].detach().reshape(-1))
                 works[slot] = _broadcast(self.group, flat, wait=False)
             for work in works:
                 if work is not None:
@@ -231,7 +241,7 @@ class WeightReceiver:
         self.buckets = bucket_layout(announcement.shapes, elem, announcement.bucket_bytes)
         self.device = torch.device("cuda" if announcement.backend == "nccl" else "cpu")
         self.group = make_group(announcement.backend, announcement.rendezvous, rank, announcement.world_size,
-                                timeout_s, announcement.session)
+                                timeout_s, announcement.session, announcement.transport_threads)
         self._sizes = [[_numel(announcement.shapes[i]) for i in idx] for idx in self.buckets]
         self._flat: list[torch.Tensor] = []  # one buffer per bucket, allocated on the first version
         self.next_version_wait_s = max(next_version_wait_s, timeout_s)
@@ -258,7 +268,7 @@ class WeightReceiver:
                     with contextlib.suppress(Exception):  # frees the pending wait where gloo supports it
                         self.group.abort()
                     raise GroupSuperseded(f"a newer weight-sync group replaced {self.ann.session[:8]}")
-            time.sleep(0.01)
+            time.sleep(HEADER_POLL_S)
         work.wait()
         version, n_buckets = int(header[0]), int(header[1])
         if version in (STOP_VERSION, REFORM_VERSION):

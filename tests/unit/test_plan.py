@@ -235,7 +235,7 @@ def test_orz_config_prints_the_resolved_config(tmp_path: Path) -> None:
     assert printed["learner"]["total_steps"] == 7 and printed["learner"]["seed"] == 5
     file_value = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["learner"]["batch_prompts"]
     assert printed["learner"]["batch_prompts"] == file_value
-    assert printed["weight_sync"]["bucket_mb"] == 256  # a default the file does not set
+    assert printed["weight_sync"]["bucket_mb"] == 512  # a default the file does not set
     (tmp_path / "resolved.yaml").write_text(proc.stdout)
     again = load_config(tmp_path / "resolved.yaml", environ={})
     assert again.model_dump() == load_config(ROOT / "configs" / "tiny.yaml", environ={"ORZ__LEARNER__SEED": "5"},
