@@ -57,6 +57,7 @@ class Preset:
     max_staleness: int
     time_scale: float
     sources: tuple[str, ...]
+    inflight_batches: float | None = None  # learner.max_inflight_prompts in batches; None: AReaL's s + 1
 
 
 PRESETS = {
@@ -73,6 +74,9 @@ PRESETS = {
                  "blog/AReaL_v0_3.md)",
                  "response lengths: log-normal, median 4.5k, sigma 0.6, capped at 8192 (about 16% truncated): "
                  "an assumption for a distilled reasoning model under an 8k cap"),
+        # 4 batches in flight, not AReaL's 5: at 5 the groups holding an 8k-token sample (which alone takes 2-4
+        # steps to generate) reach staleness 5 and are dropped (48 of 6,144 in 12 steps); at 4, none are.
+        inflight_batches=4.0,
     ),
     # ORZ-7B's recipe (configs/orz-7b.yaml): Qwen2.5-7B, 128 prompts × 64 samples, 8k tokens, PPO-GAE with
     # a critic of the same size (14 FLOPs/param/token); 64 single-GPU generators and 64 training GPUs.
@@ -142,7 +146,7 @@ def _worker(spec_path: Path) -> None:
 # -- one simulated run ----------------------------------------------------------------------------------------
 def simulate(preset_name: str, *, generators: int, train_gpus: int, staleness: int, steps: int, scale: float,
              per_proc: int, chars_per_token: int, redis_url: str, run_dir: Path, name: str,
-             overcommit: int = 2) -> dict:
+             overcommit: float = 2, inflight_batches: float | None = None) -> dict:
     import subprocess
 
     from learner.sim import sim_learner
@@ -152,7 +156,7 @@ def simulate(preset_name: str, *, generators: int, train_gpus: int, staleness: i
     # Prompts in each engine: twice what fills max_num_seqs, so finished sequences are replaced at once (a
     # prompt holds its slot until its longest sample ends). More queues sequences so long that they are
     # stamped with a version several steps old before they start, and are dropped as stale.
-    prompts_per_gen = overcommit * max(1, math.ceil(cost.max_num_seqs / preset.n_samples))
+    prompts_per_gen = math.ceil(overcommit * max(1, math.ceil(cost.max_num_seqs / preset.n_samples)))
     cfg = load_config(None, overrides={
         "run_name": name, "run_dir": str(run_dir),
         "redis": {"url": redis_url, "block_ms": 200, "socket_timeout_s": 60, "claim_idle_ms": 3_600_000},
@@ -164,7 +168,9 @@ def simulate(preset_name: str, *, generators: int, train_gpus: int, staleness: i
                                                       math.ceil(preset.batch_prompts / generators))),
                       "weight_wait_s": 600.0},
         "learner": {"total_steps": steps, "batch_prompts": preset.batch_prompts, "n_samples": preset.n_samples,
-                    "max_staleness": staleness, "checkpoint_every": 0, "eval_every": 0, "wait_timeout_s": 3600},
+                    "max_staleness": staleness, "checkpoint_every": 0, "eval_every": 0, "wait_timeout_s": 3600,
+                    "max_inflight_prompts": None if inflight_batches is None or staleness == 0
+                    else math.ceil(inflight_batches * preset.batch_prompts)},
         "weight_sync": {"backend": "gloo", "timeout_s": 120},
     })
     work = run_dir / f"{name}-workers"
@@ -181,6 +187,8 @@ def simulate(preset_name: str, *, generators: int, train_gpus: int, staleness: i
         procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker",
                                        str(work / f"spec-{k}.json")], cwd=ROOT))
     learner = sim_learner(cfg, cost, scale, preset.prompt_len, train_gpus)
+    redis = connect(redis_url)
+    redis.config_resetstat()  # per-command Redis CPU (INFO commandstats) counts this run only
     t0 = time.time()
     try:
         learner.run()
@@ -194,7 +202,39 @@ def simulate(preset_name: str, *, generators: int, train_gpus: int, staleness: i
     wall = time.time() - t0
     gen_stats = [json.loads(f.read_text()) for f in result_files if f.exists()]
     records = [json.loads(x) for x in (cfg.run_path / "metrics.jsonl").read_text().splitlines()]
-    return _report(staleness, cost, records, gen_stats, generators, scale, wall)
+    out = _report(staleness, cost, records, gen_stats, generators, scale, wall)
+    out["redis_commands"] = _commandstats(redis, len(records))
+    out["stale_drops"] = _stale_drops(cfg.run_path / "tasks.jsonl")
+    return out
+
+
+def _stale_drops(ledger: Path) -> dict:
+    """Where the dropped groups' staleness came from, in versions (means over the drops): waiting to start
+    after they were fed (fed → first token), generating (first → last token), and queued before the learner
+    read them (last token → the version that dropped them)."""
+    fed: dict[str, int] = {}
+    parts: list[tuple[int, int, int]] = []
+    for line in ledger.read_text().splitlines():
+        e = json.loads(line)
+        if e["event"] in ("fed", "refed"):
+            fed[e["task_id"]] = e["version"]
+        elif e["event"] == "dropped_stale" and "policy_version" in e:
+            f, first, last = fed[e["task_id"]], e["policy_version"], e["policy_version_last"]
+            parts.append((first - f, last - first, e["version"] - last))
+    if not parts:
+        return {"groups": 0}
+    n = len(parts)
+    return {"groups": n, "versions_fed_to_first_token": sum(p[0] for p in parts) / n,
+            "versions_generating": sum(p[1] for p in parts) / n,
+            "versions_queued_after_last_token": sum(p[2] for p in parts) / n}
+
+
+def _commandstats(client, steps: int, top: int = 8) -> dict:
+    """Where Redis's CPU went, per training step: calls and CPU µs of the busiest commands."""
+    stats = client.info("commandstats")
+    rows = sorted(((k.removeprefix("cmdstat_"), v) for k, v in stats.items()), key=lambda kv: -kv[1]["usec"])
+    return {name: {"calls_per_step": round(v["calls"] / steps, 1), "cpu_ms_per_step": round(v["usec"] / steps / 1e3, 2),
+                   "usec_per_call": round(v["usec_per_call"], 1)} for name, v in rows[:top]}
 
 
 def engine_rate(preset: Preset, prompts: int = 400) -> float:
@@ -260,11 +300,24 @@ def run_setting(preset: Preset, args, generators: int, redis_url: str, run_dir: 
     gpus = generators * cost.tp + cost.train_gpus
     common = {"scale": args.time_scale or preset.time_scale, "per_proc": args.per_proc,
               "chars_per_token": args.chars_per_token, "redis_url": redis_url, "run_dir": run_dir,
-              "overcommit": args.overcommit}
+              "overcommit": args.overcommit, "inflight_batches": preset.inflight_batches
+              if args.inflight_batches is None else args.inflight_batches}
     out = {"async": simulate(args.preset, generators=generators, train_gpus=cost.train_gpus,
                              staleness=preset.max_staleness, steps=args.steps, name=f"async-{generators}", **common)}
     out["ideal"] = ideal(preset, cost, generators)
     out["async"]["of_ideal"] = out["async"]["steps_per_hour"] / out["ideal"]["steps_per_hour"]
+    out["async"]["inflight_prompts"] = math.ceil((common["inflight_batches"] or preset.max_staleness + 1)
+                                                 * preset.batch_prompts)
+    if args.depths:  # the same run at other in-flight depths: drops against throughput
+        out["by_inflight_batches"] = {}
+        for depth in (float(x) for x in args.depths.split(",")):
+            run = simulate(args.preset, generators=generators, train_gpus=cost.train_gpus,
+                           staleness=preset.max_staleness, steps=args.steps, name=f"async-{generators}-d{depth}",
+                           **{**common, "inflight_batches": depth})
+            run["of_ideal"] = run["steps_per_hour"] / out["ideal"]["steps_per_hour"]
+            out["by_inflight_batches"][str(depth)] = {k: run[k] for k in (
+                "of_ideal", "dropped_stale", "staleness_mean", "engine_mean_running", "overhead_fraction",
+                "stale_drops")}
     if not args.no_sync:
         # Colocated synchronous: every GPU generates the batch (one generator per tp GPUs), then every GPU trains.
         out["sync"] = simulate(args.preset, generators=gpus // cost.tp, train_gpus=gpus, staleness=0,
@@ -308,8 +361,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--per-proc", type=int, default=16, help="generator threads per process")
     ap.add_argument("--chars-per-token", type=int, default=4, help="response text shipped per token")
     ap.add_argument("--no-sync", action="store_true", help="skip the synchronous baseline")
-    ap.add_argument("--overcommit", type=int, default=2,
+    ap.add_argument("--overcommit", type=float, default=2,
                     help="prompts per engine, as a multiple of what fills max_num_seqs")
+    ap.add_argument("--inflight-batches", type=float,
+                    help="learner.max_inflight_prompts in batches (default: max_staleness + 1, AReaL's rule)")
+    ap.add_argument("--depths", default="", help="comma-separated in-flight depths (batches) to run async at too")
     ap.add_argument("--plot", type=Path)
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
