@@ -117,9 +117,8 @@ class Publisher:
                 timings={"generate_s": time.time() - job.submitted, "grade_s": grade_s, "published_at": time.time()},
             )
             groups.append(group)
-        # The results and the acks of their prompts in one MULTI/EXEC, one round trip: Redis applies all of it or
-        # none, so a crash or a lost connection leaves the prompts pending with no result, and a live peer
-        # reclaims them (docs/architecture.md, "Delivery").
+        # The results in one round trip, then the acks of their prompts: a crash in between leaves the prompts
+        # pending, and a live peer reclaims them (docs/architecture.md, "Delivery").
         publish_and_ack([(self.trajectories, groups), (self.evals, evals)], self.prompts,
                         [job.entry_id for job, _ in jobs])
         self.release([job.entry_id for job, _ in jobs])
