@@ -123,12 +123,14 @@ class VllmEngine:
         return self.llm.llm_engine.has_unfinished_requests()
 
     def queued(self) -> int | None:
-        """Child requests (one per sample) in vLLM's scheduler waiting queue; reachable with the engine core
-        in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set above), None otherwise."""
+        """From vLLM's scheduler: its child requests (one per sample) waiting and running, beyond max_num_seqs.
+        Reachable with the engine core in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set above), else None."""
         try:
-            return len(self.llm.llm_engine.engine_core.engine_core.scheduler.waiting)
+            sched = self.llm.llm_engine.engine_core.engine_core.scheduler
+            slots = self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
         except AttributeError:
             return None
+        return max(0, len(sched.waiting) + len(sched.running) - slots)
 
     def abort(self, request_ids: list[str]) -> None:
         """Drops requests in flight (their partial samples are discarded; AReaL's abort-and-resubmit)."""

@@ -39,9 +39,10 @@ class Engine(Protocol):
         """Drops requests in flight (a weight update in `abort` mode)."""
 
     def queued(self) -> int | None:
-        """Samples submitted and not yet started (waiting for a batch slot), or None if the engine cannot say.
-        The generator submits a prompt only while fewer than its samples wait, so a prompt is stamped with the
-        weights version it actually starts under, not one from before a long wait in the engine's queue."""
+        """Samples that would wait for a batch slot: running plus waiting samples beyond `max_num_seqs` (0 while
+        slots are free), or None if the engine cannot say. The generator submits a prompt only while fewer than
+        its samples would wait, so a prompt is stamped with the weights version it starts under, not one from
+        before a long wait in the engine's queue."""
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
         """Loads HF-named tensors in place, between steps; returns the seconds it took."""

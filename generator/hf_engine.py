@@ -115,7 +115,7 @@ class TransformersEngine:
             self._select(keep)
 
     def queued(self) -> int:
-        return sum(r.n for r in self.queue)
+        return max(0, sum(r.n for r in self.queue) + len(self.rows) - self.max_num_seqs)
 
     def step(self) -> list[tuple[str, list[Completion]]]:
         """Decodes one token for every running sample (starting a batch first if none runs)."""

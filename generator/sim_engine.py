@@ -86,7 +86,7 @@ class SimEngine:
         return [[Completion([1], [-0.1], "stop", "x") for _ in range(n)] for n in ns]
 
     def queued(self) -> int:
-        return len(self.waiting)
+        return max(0, len(self.waiting) + len(self.running) - self.cost.max_num_seqs)
 
     def step(self) -> list[tuple[str, list[Completion]]]:
         prefill_tokens = self._admit()

@@ -210,8 +210,8 @@ class Generator:
         for entry_id, task, since in self.waiting:
             overdue = time.time() - since > self.cfg.generator.weight_wait_s or listener.stopped
             if queued is not None and queued >= task.n_samples:
-                # The engine has a prompt's worth of samples waiting for slots already: this one waits here,
-                # unstamped, rather than in the engine's queue under weights that will be old when it starts.
+                # The engine is full and a prompt's worth of samples waits for its slots already: this one waits
+                # here, unstamped, not in the engine's queue under weights that will be old when it starts.
                 still_waiting.append((entry_id, task, since))
             elif task.feed_version <= self.version or overdue:
                 queued = None if queued is None else queued + task.n_samples

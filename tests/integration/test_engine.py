@@ -39,6 +39,9 @@ def test_continuous_batching_and_in_flight_weight_swap(model_dir: Path) -> None:
 
     for i, ids in enumerate(prompts[:3]):
         engine.submit(f"r{i}", ids, params, n=2)
+    sched = engine.llm.llm_engine.engine_core.engine_core.scheduler
+    assert len(sched.waiting) == 6  # one child request per sample, what queued() counts
+    assert engine.queued() == 0  # 6 samples and 256 slots: none would wait
     finished: dict[str, list] = {}
     steps = 0
     while engine.has_unfinished():
@@ -48,6 +51,7 @@ def test_continuous_batching_and_in_flight_weight_swap(model_dir: Path) -> None:
         finished.update(engine.step())
         steps += 1
     assert sorted(finished) == [f"r{i}" for i in range(6)]
+    assert engine.queued() == 0
     hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     for rid, comps in finished.items():
         assert len(comps) == 2

@@ -132,3 +132,31 @@ def test_feeds_a_dataset_in_orz_format_through_the_template(redis_url: str, tmp_
     too_small = cfg.model_copy(update={"task": cfg.task.model_copy(update={"max_prompt_tokens": 100})})
     with pytest.raises(ValueError, match="every training prompt is over task.max_prompt_tokens"):
         Feeder(too_small, queue, _tokenizer(), tmp_path / "tasks3.jsonl").top_up(version=0)
+
+
+def test_texts_are_asked_for_in_samples_per_step_of_every_batch(redis_url: str, tmp_path: Path) -> None:
+    """`logging.samples_per_step` of every `batch_prompts` prompts ask for their texts; a refed prompt keeps its
+    ask; one top-up is one pipelined XADD round trip whatever its size."""
+    cfg = Config.model_validate({"run_name": "texts", "learner": {"batch_prompts": 5, "max_staleness": 2},
+                                 "logging": {"samples_per_step": 2}})
+    client = connect(redis_url)
+    keys = Keys(cfg.namespace)
+    queue = StreamQueue(client, keys.prompts, "generators", PromptTask, keys.dead)
+    queue.ensure_group()
+    feeder = Feeder(cfg, queue, _tokenizer(), tmp_path / "tasks.jsonl")
+    client.config_resetstat()
+    assert feeder.top_up(version=0) == 15
+    assert client.info("commandstats")["cmdstat_xadd"]["calls"] == 15
+    tasks = [t for _, t in queue.read("g", 100, 100)]
+    assert [t.with_texts for t in tasks] == [True, True, False, False, False] * 3
+    feeder.refeed([tasks[1].task_id, tasks[2].task_id], version=1, reason="test")
+    again = [t for _, t in queue.read("g", 100, 100)]
+    assert [(t.task_id, t.with_texts) for t in again] == [(tasks[1].task_id, True), (tasks[2].task_id, False)]
+    off = Config.model_validate({"run_name": "notexts", "learner": {"batch_prompts": 5},
+                                 "logging": {"samples_per_step": 0}})
+    quiet = Feeder(off, StreamQueue(client, Keys(off.namespace).prompts, "generators", PromptTask, keys.dead),
+                   _tokenizer(), tmp_path / "quiet.jsonl")
+    quiet.top_up(version=0)
+    assert not any(t.with_texts for t in quiet.pending.values())
+    feeder.close()
+    quiet.close()

@@ -84,10 +84,12 @@ def test_engine_respects_capacity_and_preempts_without_losing_work() -> None:
     for i in range(6):
         engine.submit(f"r{i}", [1] * 50, SamplingParams(1.0, 1.0, 1000), 4)
     targets = sum(s.target for s in engine.waiting)
+    assert engine.queued() == 16  # 24 samples, 8 slots: 16 would wait (the generator's admission reads this)
     finished = []
     while engine.requests:
         finished += engine.step()
         assert len(engine.running) <= 8
+        assert engine.queued() == max(0, len(engine.waiting) + len(engine.running) - 8)
         assert sum(s.context for s in engine.running) <= cost.kv_capacity_tokens or len(engine.running) == 1
     assert sorted(rid for rid, _ in finished) == [f"r{i}" for i in range(6)]
     assert engine.decoded_tokens == targets  # a preempted sequence keeps its tokens (recomputed, not redone)

@@ -46,6 +46,20 @@ def test_sample_rows_clip_long_texts_keeping_the_answer() -> None:
         "step": 9, "reward": 1.0, "verdict": "correct", "finish_reason": "stop", "policy_version": 2}
 
 
+def test_sample_rows_take_texted_groups_first_and_decode_the_rest() -> None:
+    """Groups travel without texts unless their prompt asked: those that have them come first, and a row of one
+    that has none shows its response decoded from the token ids."""
+    def group(i: int, text: str) -> TrajectoryGroup:
+        s = Sample(np.array([i, i + 1], np.int32), np.zeros(2, np.float32), 0.0, "stop", text, "wrong")
+        return TrajectoryGroup(f"t{i}:arith:{i}", np.array([9], np.int32), (s,), 1, "gen-0")
+
+    groups = [group(1, ""), group(2, "two"), group(3, ""), group(4, "four")]
+    decode = lambda ids: "ids " + " ".join(map(str, ids))  # noqa: E731
+    rows = sample_rows(5, groups, decode, 3, 100, lambda t: t.split(":")[1])
+    assert [(r["task_id"], r["response"]) for r in rows] == [
+        ("t2:arith:2", "two"), ("t4:arith:4", "four"), ("t1:arith:1", "ids 1 2")]
+
+
 def _record(step: int, lineage: int) -> dict:
     return {"step": step, "reward_mean": step / 10 + lineage, "step_time_s": 1.0 + step}
 
