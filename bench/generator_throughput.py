@@ -74,7 +74,7 @@ def system_tokens_per_s(cfg, tasks: list[PromptTask], timeout_s: float) -> dict:
                     raise RuntimeError("generator did not finish the prompts")
                 time.sleep(0.02)
             seconds = time.perf_counter() - t0
-            groups = [TrajectoryGroup.from_bytes(fields[b"m"])
+            groups = [TrajectoryGroup.from_fields(fields)
                       for _, fields in client.xrange(keys.trajectories, count=len(tasks) + 10)]
         finally:
             for child in reversed(children):

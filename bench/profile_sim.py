@@ -74,8 +74,9 @@ def summarise(raw: Path, steps: int) -> dict:
             continue  # one generator process is enough: they all run the same loop
         if any("importlib._bootstrap" in f for f in frames):
             continue  # start-up imports, once per process
-        if any(f.startswith(("ideal (", "engine_rate (")) for f in frames):
-            continue  # the ideal bound's own cost-model run, after the simulation
+        if any(f.startswith(("ideal (", "engine_rate (", "_report (", "_stale_drops (", "_commandstats (",
+                             "plot (")) for f in frames):
+            continue  # the report's own work after the simulation (the ideal bound's cost-model run, the ledger)
         k = kinds.setdefault(kind, {"parts": Counter(), "leaves": Counter(), "samples": 0})
         n = int(count)
         k["parts"][part_of(frames)] += n

@@ -6,12 +6,14 @@ little-endian `int32` / `float32` byte strings, never as lists of Python numbers
 decode to exactly the declared shape raises `ProtocolError`, which the queue turns into a dead-letter
 entry carrying the reason. Nothing here unpickles or evaluates received data.
 
-A `TrajectoryGroup`, the one large message, is *framed* (schema 3): the same msgpack map, with the header's
-length in `"h"` and every array of the group in one binary field `"b"` at its end, so a reader parses the
-few-KB header and takes read-only numpy views straight over the received bytes (no copy of the token ids or
-log-probs; docs/architecture.md, "Messages"). The frame is still one valid msgpack map, so a schema-2 reader
-fails with "unknown schema version 3", not garbage. Response texts travel only in the groups whose prompt
-asked for them (`PromptTask.with_texts`: the learner's sample of texts to log); the learner trains on ids.
+A `TrajectoryGroup`, the one large message, is *framed* (schema 3, services/envelope.py): the same msgpack
+map, with the header's length in `"h"` and the group's four arrays (prompt ids, lengths, every response's
+ids, every log-prob) either in a binary field `"b"` at its end (`to_bytes`) or beside it as stream fields of
+their own (`to_fields`, what generators XADD: no copy into a message). Readers parse the few-KB header and
+take read-only numpy views over the received bytes. The frame is still one valid msgpack map, so a schema-2
+reader fails with "unknown schema version 3", not garbage. Response texts travel only in the groups whose
+prompt asked for them (`PromptTask.with_texts`: the learner's sample of texts to log); the learner trains on
+ids. docs/architecture.md, "Messages".
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
-import msgpack  # noqa: F401 - tests and tools build raw envelopes through this module's namespace
 import numpy as np
 
 from services.envelope import (  # noqa: F401 - re-exported: the messages' one import

@@ -73,7 +73,7 @@ def test_learner_stopped_mid_batch_keeps_the_batch_in_flight(tmp_path) -> None:
             if 0 < len(pending) < batch and len(stack.records()) == steps:
                 ids = [p["message_id"] for p in pending]
                 in_hand = [
-                    TrajectoryGroup.from_bytes(client.xrange(stack.keys.trajectories, i, i)[0][1][b"m"]).task_id
+                    TrajectoryGroup.from_fields(client.xrange(stack.keys.trajectories, i, i)[0][1]).task_id
                     for i in ids
                 ]
                 break
