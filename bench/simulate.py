@@ -58,6 +58,7 @@ class Preset:
     time_scale: float
     sources: tuple[str, ...]
     inflight_batches: float | None = None  # learner.max_inflight_prompts in batches; None: AReaL's s + 1
+    engine_queue_samples: int | None = None  # generator.engine_queue_samples
 
 
 PRESETS = {
@@ -74,9 +75,11 @@ PRESETS = {
                  "blog/AReaL_v0_3.md)",
                  "response lengths: log-normal, median 4.5k, sigma 0.6, capped at 8192 (about 16% truncated): "
                  "an assumption for a distilled reasoning model under an 8k cap"),
-        # 4 batches in flight, not AReaL's 5: at 5 the groups holding an 8k-token sample (which alone takes 2-4
-        # steps to generate) reach staleness 5 and are dropped (48 of 6,144 in 12 steps); at 4, none are.
-        inflight_batches=4.0,
+        # 4 batches in flight, not AReaL's 5: at 5 (or 4.5) the groups holding an 8k-token sample, which alone
+        # takes about 4 steps to generate, reach staleness 5 and are dropped (33 and 42 of 6,144 in 12 steps, at
+        # 0.94 of the ideal bound); at 4 none are, at 0.86 (2026-12-02). Prompts wait unstamped in the generator
+        # while the engine is full (engine_queue_samples), not in the engine's queue.
+        inflight_batches=4.0, engine_queue_samples=16,
     ),
     # ORZ-7B's recipe (configs/orz-7b.yaml): Qwen2.5-7B, 128 prompts × 64 samples, 8k tokens, PPO-GAE with
     # a critic of the same size (14 FLOPs/param/token); 64 single-GPU generators and 64 training GPUs.
@@ -166,7 +169,7 @@ def simulate(preset_name: str, *, generators: int, train_gpus: int, staleness: i
                       "max_model_len": preset.prompt_len + preset.lengths.max_tokens,
                       "prompts_per_batch": max(1, min(prompts_per_gen,
                                                       math.ceil(preset.batch_prompts / generators))),
-                      "weight_wait_s": 600.0},
+                      "weight_wait_s": 600.0, "engine_queue_samples": preset.engine_queue_samples},
         "learner": {"total_steps": steps, "batch_prompts": preset.batch_prompts, "n_samples": preset.n_samples,
                     "max_staleness": staleness, "checkpoint_every": 0, "eval_every": 0, "wait_timeout_s": 3600,
                     "max_inflight_prompts": None if inflight_batches is None or staleness == 0

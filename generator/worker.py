@@ -206,10 +206,11 @@ class Generator:
         """
         still_waiting = []
         assert self.engine is not None
-        queued = self.engine.queued() if hasattr(self.engine, "queued") else None
+        limit = self.cfg.generator.engine_queue_samples
+        queued = self.engine.queued() if limit is not None and hasattr(self.engine, "queued") else None
         for entry_id, task, since in self.waiting:
             overdue = time.time() - since > self.cfg.generator.weight_wait_s or listener.stopped
-            if queued is not None and queued >= task.n_samples:
+            if queued is not None and queued >= limit:
                 # The engine is full and a prompt's worth of samples waits for its slots already: this one waits
                 # here, unstamped, not in the engine's queue under weights that will be old when it starts.
                 still_waiting.append((entry_id, task, since))

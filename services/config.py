@@ -115,6 +115,10 @@ class GeneratorConfig(_Section):
     max_num_seqs: int = Field(256, description="transformers backend: most samples decoded together in one batch", ge=1)
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs per generator (tensor parallel)")
     seed: int = Field(0, description="engine seed (the process id is added)")
+    engine_queue_samples: int | None = Field(
+        None, ge=1, description="at most this many samples wait for engine slots beyond the running batch; the "
+        "rest of the generator's prompts wait unstamped, so a prompt's version is the one it starts under (long "
+        "generations: bench/simulate.py's AReaL setting sets n_samples). Unset: every ready prompt goes in at once")
     weight_wait_s: float = Field(
         5.0, description="longest wait for the weights of a prompt's feed version before sampling it anyway", ge=0)
     weight_update_mode: Literal["keep", "abort"] = Field(

@@ -83,21 +83,16 @@ def unframe(raw: Any, tag: str, max_bytes: int | None = None,
     if not h0 < h <= len(raw) - 11:
         raise ProtocolError(f"frame: header length {h} outside the message")
     try:
-        unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=h - h0,
-                                    max_bin_len=h - h0, max_str_len=h - h0)
-        unpacker.feed(bytes(raw[h0:h]))
-        parts = [unpacker.unpack() for _ in range(4)]
-        if unpacker.tell() != h - h0:
-            raise ProtocolError("frame: bytes left over in the header")
-    except ProtocolError:
-        raise
+        # The header's four objects ("t", tag, "d", payload) behind a fixmap(2) byte are one map: one call.
+        head = msgpack.unpackb(b"\x82" + bytes(raw[h0:h]), raw=False, strict_map_key=True, max_bin_len=h - h0,
+                               max_str_len=h - h0)
     except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated exception types on garbage
         raise ProtocolError(f"frame: undecodable header: {type(exc).__name__}: {exc}") from None
-    if parts[0] != "t" or parts[2] != "d":
+    if not isinstance(head, dict) or list(head) != ["t", "d"]:
         raise ProtocolError("frame: header keys are not t, d")
-    if parts[1] != tag:
-        raise ProtocolError(f"expected message type {tag!r}, got {parts[1]!r}")
-    payload = parts[3]
+    if head["t"] != tag:
+        raise ProtocolError(f"expected message type {tag!r}, got {head['t']!r}")
+    payload = head["d"]
     if not isinstance(payload, dict):
         raise ProtocolError("payload is not a map")
     if bytes(raw[h:h + 3]) != b"\xa1_\xc4":
