@@ -60,7 +60,11 @@ def test_learner_stopped_mid_batch_keeps_the_batch_in_flight(tmp_path) -> None:
     tasks in flight (their entries stay unacknowledged in the trajectory stream) and the accounting is exact.
     The generator is paused (SIGSTOP) so the stop lands with the batch part-read, not by luck."""
     batch = 8
-    with Stack(tmp_path, "midbatch", steps=1000, batch=batch, generators=1) as stack:
+    # At most 3 prompts in the generator: its groups arrive a few at a time, so a batch of 8 is read in parts.
+    # (With the feeder's top-up one pipeline, a whole batch's prompts appeared at once, were taken in one read,
+    # finished in one engine step and arrived together: the learner was never seen holding part of a batch.)
+    with Stack(tmp_path, "midbatch", steps=1000, batch=batch, generators=1,
+               overrides={"generator": {"max_inflight_requests": 3}}) as stack:
         stack.wait_steps(2)
         gen, client = stack.generators[0], stack.client()
         in_hand: list[str] = []
