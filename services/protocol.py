@@ -142,8 +142,7 @@ class TrajectoryGroup:
     def response_ids_all(self) -> np.ndarray:
         if self.ids_all is not None:
             return self.ids_all
-        parts = [np.asarray(s.response_ids, dtype=np.int32).ravel() for s in self.samples]
-        return np.concatenate(parts) if parts else np.empty(0, np.int32)
+        return _column([s.response_ids for s in self.samples], _I32, sum(len(s.response_ids) for s in self.samples))
 
     lps_all: np.ndarray | None = field(default=None, repr=False, compare=False)  # the log-probs, likewise
 
@@ -175,10 +174,9 @@ class TrajectoryGroup:
 
     def _arrays(self) -> list[np.ndarray]:
         lengths = np.fromiter((len(s.response_ids) for s in self.samples), dtype=_I32, count=len(self.samples))
-        ids = self.ids_all if self.ids_all is not None else self.response_ids_all()
         lps = self.lps_all if self.lps_all is not None else _column([s.logprobs for s in self.samples], _F32,
                                                                      int(lengths.sum()))
-        return [_as(self.prompt_ids, _I32), lengths, _as(ids, _I32), _as(lps, _F32)]
+        return [_as(self.prompt_ids, _I32), lengths, _as(self.response_ids_all(), _I32), _as(lps, _F32)]
 
     def to_bytes(self) -> bytes:
         """One framed message, the arrays in its blob (dead letters, the learner's ranks)."""
