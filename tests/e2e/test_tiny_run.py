@@ -76,9 +76,10 @@ def test_tiny_run_learns(tmp_path: Path, advantage: str, backend: str) -> None:
     # format: runs were seen answering " So 9+0+5=14. </answer>" with no boxed answer (the tokenizer splits
     # " </" + "answer" as it splits " </" + "think"), or dropping the space that starts a worked chain. Most
     # recover; one that collapses early stays there, since a group whose samples all score 0 has no GRPO
-    # gradient (CI, 2026-12-01: reward 0.68 by step 26, then 0.2; and 2026-12-02: no 8-step window above
-    # 0.21). For GRPO the test asks that it learned (its best 8-step window); its stability is measured over
-    # seeds in the README's comparisons. ORZ's PPO-GAE must hold its gain to the last step.
+    # gradient. On CI two GRPO runs on the transformers engine failed, their samples not kept (2026-12-01:
+    # reward 0.68 by step 26, then 0.2; 2026-12-02: no 8-step window above 0.21). For GRPO the test asks
+    # that it learned (its best 8-step window); its stability is measured over seeds in the README's
+    # comparisons. ORZ's PPO-GAE must hold its gain to the last step.
     means = [sum(r["reward_mean"] for r in records[i:i + WINDOW]) / WINDOW for i in range(STEPS - WINDOW + 1)]
     first, last, best = means[0], means[-1], max(means)
     print(f"reward first {WINDOW} steps {first:.3f}, last {WINDOW} steps {last:.3f}, best {WINDOW} {best:.3f}")
