@@ -65,9 +65,11 @@ def rows(reports: dict[str, dict]) -> list[tuple[str, str, str, str]]:
             "nothing", f"first step {k['next_step_after_restart_s']:g} s after Redis is back"))
         out.append((
             f"Redis loses its last {w['writes_lost_s']:g} s of writes (AOF rolled back: a machine crash under "
-            "`everysec`; same test)",
-            f"the learner feeds again the {w['prompts_refed']} in-flight prompts found in neither stream; "
-            "reappearing groups and deliveries are dropped by task id",
+            "`everysec`; same test), the generators frozen from the kill until the learner has reconciled",
+            f"the learner feeds again the {w['prompts_refed']} in-flight prompts found in neither stream "
+            + (f"(the {w['prompts_doomed']} fed after the snapshot and unanswered at the kill among them); "
+               if "prompts_doomed" in w else "; ")
+            + "reappearing groups and deliveries are dropped by task id",
             _lost(r), f"first step {w['next_step_after_restart_s']:g} s after Redis is back"))
     if r := reports.get("reward_outage"):
         h, d = r["one_replica_hung"], r["all_down"]
