@@ -37,7 +37,7 @@ test-fast: venv system-deps
 	$(PY) -m pytest -m "not slow" tests
 
 test-slow: venv system-deps
-	$(PY) -m pytest -m slow -s tests
+	$(PY) -m pytest -m slow -s --durations=40 tests
 
 # The docs site (docs/, mkdocs.yml) with --strict: a broken link or a page left out of the nav fails it.
 docs: venv
