@@ -27,15 +27,17 @@ WINDOW = 8
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("advantage", "backend"), [("gae", "vllm"), ("grpo", "vllm"), ("gae", "transformers")])
-def test_tiny_run_learns(tmp_path: Path, advantage: str, backend: str) -> None:
-    """PPO-GAE (ORZ) and GRPO (no critic) on the same stack: both must raise the reward; and ORZ's PPO-GAE
-    with the transformers fallback engine in the generators instead of vLLM, under the same strict checks."""
+@pytest.mark.parametrize(("advantage", "kl_coef", "backend"),
+                         [("gae", 0.0, "vllm"), ("grpo", 0.04, "vllm"), ("gae", 0.0, "transformers")])
+def test_tiny_run_learns(tmp_path: Path, advantage: str, kl_coef: float, backend: str) -> None:
+    """ORZ's PPO-GAE, and GRPO as DeepSeekMath runs it (no critic; a k3 KL to the base model, β = 0.04, which
+    loads the reference model), on the same stack: both must raise the reward and keep it; and ORZ's PPO-GAE
+    with the transformers fallback engine in the generators instead of vLLM. The same checks for all three."""
     run_dir = tmp_path / "runs"
     cmd = [sys.executable, "-m", "services.cli", "up", "--config", str(ROOT / "configs" / "tiny.yaml"),
            "--set", f"run_dir={run_dir}", "--set", "run_name=e2e", "--set", f"learner.total_steps={STEPS}",
-           "--set", f"learner.advantage={advantage}", "--set", f"generator.backend={backend}",
-           "--set", f"learner.eval_every={STEPS // 2}"]
+           "--set", f"learner.advantage={advantage}", "--set", f"learner.kl_coef={kl_coef}",
+           "--set", f"generator.backend={backend}", "--set", f"learner.eval_every={STEPS // 2}"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORZ__")}
     t0 = time.time()
     proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400)
@@ -55,6 +57,10 @@ def test_tiny_run_learns(tmp_path: Path, advantage: str, backend: str) -> None:
     assert [r["policy_version"] for r in records] == list(range(1, STEPS + 1))
     assert {r["advantage"] for r in records} == {advantage}
     assert ("value_loss" in records[0]["stats"]) == (advantage == "gae")  # GRPO trains no critic
+    # The KL term is computed against the base model, which starts equal to the policy: 0 at the first step.
+    assert ("kl_ref" in records[0]["stats"]) == (kl_coef > 0)
+    if kl_coef > 0:
+        assert records[0]["stats"]["kl_ref"] < 1e-6 < max(r["stats"]["kl_ref"] for r in records)
 
     # Generators loaded new weights: late groups were sampled under late versions, within max_staleness.
     late = [v for r in records[-5:] for v in r["group_versions"]]
@@ -71,19 +77,18 @@ def test_tiny_run_learns(tmp_path: Path, advantage: str, backend: str) -> None:
     assert set(trained) <= fed
     assert trained == [t for r in records for t in r["task_ids"]]
 
-    # Learning: the last steps' reward is well above the first steps'. GRPO (no critic) puts each sample's
-    # advantage on every token, the format's included, and on this 0.7M-parameter model it can drift off the
-    # format: runs were seen answering " So 9+0+5=14. </answer>" with no boxed answer (the tokenizer splits
-    # " </" + "answer" as it splits " </" + "think"), or dropping the space that starts a worked chain. Most
-    # recover; one that collapses early stays there, since a group whose samples all score 0 has no GRPO
-    # gradient. On CI two GRPO runs on the transformers engine failed, their samples not kept (2026-12-01:
-    # reward 0.68 by step 26, then 0.2; 2026-12-02: no 8-step window above 0.21). For GRPO the test asks
-    # that it learned (its best 8-step window); its stability is measured over seeds in the README's
-    # comparisons. ORZ's PPO-GAE must hold its gain to the last step.
+    # Learning: the last steps' reward is well above the first steps', and held there. GRPO without a KL term
+    # (ORZ's comparison, in the README's 3-seed tables) is not held to that here: on this 0.7M-parameter model
+    # at actor lr 3e-4 it puts each sample's advantage on every token, the format's included, and in three CI
+    # runs it lost the format (`</think> </think> 5-3}</answer>`, no boxed answer) and with it the reward; a
+    # group whose samples all score 0 gives GRPO no gradient, so such a run stays at 0. On CI: 2026-12-01, 0.68
+    # by step 26, then 0.2; 2026-12-02, no 8-step window above 0.21; 2026-12-07 (vLLM), 0.30 by step 15, then
+    # 0.00 from step 17 on. The KL to the base model pulls exactly those tokens back (its k3 estimate spikes where
+    # the no-KL runs collapsed), and with it GRPO learned on every seed tried (docs/testing.md).
     means = [sum(r["reward_mean"] for r in records[i:i + WINDOW]) / WINDOW for i in range(STEPS - WINDOW + 1)]
     first, last, best = means[0], means[-1], max(means)
     print(f"reward first {WINDOW} steps {first:.3f}, last {WINDOW} steps {last:.3f}, best {WINDOW} {best:.3f}")
-    assert (last if advantage == "gae" else best) - first > 0.25
+    assert last - first > 0.25
     len_first = sum(r["response_len_mean"] for r in records[:WINDOW]) / WINDOW
     len_last = sum(r["response_len_mean"] for r in records[-WINDOW:]) / WINDOW
     print(f"response length first {WINDOW} steps {len_first:.1f}, last {WINDOW} steps {len_last:.1f}")
@@ -93,11 +98,11 @@ def test_tiny_run_learns(tmp_path: Path, advantage: str, backend: str) -> None:
     summary = json.loads((run / "summary.json").read_text())
     print("summary:", json.dumps(summary, indent=1))
     assert 0.05 <= summary["base_accuracy"] <= 0.3  # the base model mostly guesses
-    assert summary["trained_accuracy"] > summary["base_accuracy"] + (0.25 if advantage == "gae" else 0.0)
+    assert summary["trained_accuracy"] > summary["base_accuracy"] + 0.25
     # The in-training evaluation ran at mid-run and at the end, on the current weights.
     evals = {r["step"]: r["eval_accuracy"] for r in records if r.get("eval_accuracy") is not None}
     assert set(evals) == {STEPS // 2, STEPS}, evals
-    assert (evals[STEPS] if advantage == "gae" else max(evals.values())) > summary["base_accuracy"] + 0.25
+    assert evals[STEPS] > summary["base_accuracy"] + 0.25
     assert (run / "curves.png").stat().st_size > 10_000
     assert (run / "checkpoints" / "final" / "model.safetensors").exists()
     assert (run / "checkpoints" / "final" / "critic").exists() == (advantage == "gae")

@@ -12,7 +12,9 @@
    after the snapshot are undelivered or in their hands, unpublished, and stay frozen until the learner has
    reconciled. Those prompts are then in neither stream, and each must be fed again. (Left to run, the
    generators published them as soon as Redis was back, before the learner looked, and on CI no prompt was
-   lost at all: the refeed path went untested.)
+   lost at all: the refeed path went untested.) While frozen they cannot answer the learner either: when it
+   re-forms the weight-sync group after the restart, its stop broadcast may wait out `weight_sync.timeout_s`
+   (10 s here) before the reconciliation, and the thawed generators join the next group.
 
 Both times the accounting stays exact: nothing lost, nothing trained twice."""
 
