@@ -83,8 +83,9 @@ def test_tiny_run_learns(tmp_path: Path, advantage: str, kl_coef: float, backend
     # runs it lost the format (`</think> </think> 5-3}</answer>`, no boxed answer) and with it the reward; a
     # group whose samples all score 0 gives GRPO no gradient, so such a run stays at 0. On CI: 2026-12-01, 0.68
     # by step 26, then 0.2; 2026-12-02, no 8-step window above 0.21; 2026-12-07 (vLLM), 0.30 by step 15, then
-    # 0.00 from step 17 on. The KL to the base model pulls exactly those tokens back (its k3 estimate spikes where
-    # the no-KL runs collapsed), and with it GRPO learned on every seed tried (docs/testing.md).
+    # 0.00 from step 17 on. The KL to the base model pulls those tokens back: with it the same drift began
+    # (seed 0, step 17: ` </think> </think> </think> <answer>\boxed{27}</answer>`, the k3 estimate up from 0.01
+    # to 0.54) and the format held; GRPO learned on each of 4 seeds (bench/results/grpo-kl-e2e-2026-12-07.json).
     means = [sum(r["reward_mean"] for r in records[i:i + WINDOW]) / WINDOW for i in range(STEPS - WINDOW + 1)]
     first, last, best = means[0], means[-1], max(means)
     print(f"reward first {WINDOW} steps {first:.3f}, last {WINDOW} steps {last:.3f}, best {WINDOW} {best:.3f}")
